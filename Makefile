@@ -14,7 +14,7 @@ test:
 	@$(ENV) && python -m pytest test $(PYTEST_ARGS)
 
 demo:
-	@$(ENV) && bash tools/demo.sh
+	@$(ENV) && python -m gradclip_ros.demo $(DEMO_ARGS)
 
 lint:
 	@$(ENV) && ament_flake8 gradclip_ros test benchmarks launch tools && ament_pep257 --add-ignore D213 gradclip_ros test

@@ -61,6 +61,17 @@ def node_command(module: str, params_files: List[str], overrides: Dict[str, str]
     return command
 
 
+def namespace_remaps(bag: str, namespace: str) -> List[str]:
+    """Return replay ``--remap`` arguments that move the bag's topics under ``namespace``."""
+    from gradclip_ros.bags import list_topics  # reads the bag; no ROS needed
+
+    prefix = '/' + namespace.strip('/')
+    arguments = []
+    for topic in list_topics(bag):
+        arguments += ['--remap', f'{topic}:={prefix}{topic}']
+    return arguments
+
+
 def build_commands(args) -> Dict[str, List[str]]:
     params = [str(pathlib.Path(p).resolve()) for p in (args.params or default_params_files())]
     for path in params:
@@ -93,7 +104,7 @@ def build_commands(args) -> Dict[str, List[str]]:
         if args.use_sim_time:
             replay.append('--clock')
         if args.namespace:
-            replay += ['--namespace', args.namespace]
+            replay += namespace_remaps(args.bag, args.namespace)
         commands['replay'] = replay
     return commands
 
