@@ -16,9 +16,9 @@ SUBCOMMANDS = {
     'replay': ('gradclip_ros.replay', 'publish a rosbag (rosbag2 or ROS 1) into the ROS graph'),
     'convert': ('gradclip_ros.convert', 'turn videos or image folders (with COCO or KITTI '
                 'labels) into a rosbag2 file'),
-    'train': ('gradclip_ros.offline', 'fine-tune the detector offline on a bag\'s labeled frames'),
-    'eval': ('gradclip_ros.offline', 'measure a checkpoint\'s mAP and speed on a labeled bag'),
-    'report': ('gradclip_ros.report', 'plot a run directory\'s training log as PNG files'),
+    'train': ('gradclip_ros.offline', "fine-tune the detector offline on a bag's labeled frames"),
+    'eval': ('gradclip_ros.offline', "measure a checkpoint's mAP and speed on a labeled bag"),
+    'report': ('gradclip_ros.report', "plot a run directory's training log as PNG files"),
 }
 
 
@@ -31,7 +31,8 @@ def build_parser(argv) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             module = importlib.import_module(module_name)
-            getattr(module, f'add_{name}_arguments', module.add_arguments)(sub)
+            adder = getattr(module, f'add_{name}_arguments', None) or module.add_arguments
+            adder(sub)
             sub.set_defaults(handler=getattr(module, f'{name}_main', None) or module.main)
     return parser
 

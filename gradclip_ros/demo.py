@@ -19,13 +19,14 @@ import time
 from typing import Dict, List, Optional
 
 import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
 from gradclip_ros import bags
 from gradclip_ros.checkpoints import atomic_write_bytes, load_checkpoint, save_checkpoint
 from gradclip_ros.model import build_model, Detector, InferenceSettings, ModelSpec
 from gradclip_ros.run_graph import node_command, stop_children
-import numpy as np
-import torch
-from tqdm import tqdm
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = PACKAGE_ROOT.parent / 'shared' / 'data'
@@ -260,6 +261,28 @@ def summarize(monitor: GraphMonitor, run_dir: pathlib.Path) -> Dict[str, object]
     }
 
 
+def camera_details(monitor: GraphMonitor, bag: pathlib.Path,
+                   cameras: List[str]) -> Dict[str, Dict[str, object]]:
+    """Per camera: detection messages, and whether their headers are the images' headers."""
+    recorded: Dict[str, set] = {camera: set() for camera in cameras}
+    frame_ids: Dict[str, set] = {camera: set() for camera in cameras}
+    for frame in bags.iter_frames(bag, cameras):
+        recorded[frame.camera].add(frame.stamp_ns)
+        frame_ids[frame.camera].add(frame.frame_id)
+    details = {}
+    with monitor.lock:
+        for camera in cameras:
+            seen = monitor.stamps[camera]
+            details[camera] = {
+                'detection_messages': monitor.frames[camera],
+                'distinct_stamps': len(seen),
+                'stamps_not_in_bag': len(seen - recorded[camera]),
+                'frame_ids': sorted(monitor.frame_ids[camera]),
+                'bag_frame_ids': sorted(frame_ids[camera]),
+            }
+    return details
+
+
 def main(args) -> int:
     run_dir = pathlib.Path(args.run_dir or PACKAGE_ROOT / 'runs' /
                            time.strftime('demo-%Y%m%d-%H%M%S')).resolve()
@@ -321,7 +344,7 @@ def main(args) -> int:
             log.close()
 
     summary = summarize(monitor, run_dir)
-    summary['cameras'] = cameras
+    summary['cameras'] = camera_details(monitor, bag, cameras)
     summary['final_model_version'] = monitor.model_version()
     monitor.close()
 

@@ -10,8 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 from torchvision.models.detection import (
     fasterrcnn_mobilenet_v3_large_320_fpn,
     ssdlite320_mobilenet_v3_large,
@@ -187,7 +187,7 @@ class Detector:
             if getattr(spec, name) != getattr(self.spec, name):
                 raise ValueError(
                     f'checkpoint {name} {getattr(spec, name)!r} differs from the running '
-                    f'model\'s {getattr(self.spec, name)!r}')
+                    f"model's {getattr(self.spec, name)!r}")
         return self._prepare(build_model(spec), state_dict)
 
     def replace_model(self, model: nn.Module, spec: ModelSpec) -> None:

@@ -13,5 +13,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_flake8():
     folders = ('gradclip_ros', 'test', 'benchmarks', 'launch', 'tools')
     paths = [str(REPO / name) for name in folders if (REPO / name).exists()]
-    rc, errors = main_with_errors(argv=paths)
+    config = str(REPO / 'tools' / 'ament_flake8.ini')
+    rc, errors = main_with_errors(argv=['--config', config] + paths)
     assert rc == 0, f'Found {len(errors)} code style errors / warnings:\n' + '\n'.join(errors)
