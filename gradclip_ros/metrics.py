@@ -22,8 +22,11 @@ def mean_average_precision(predictions: Sequence[Detections], targets: Sequence[
     if len(predictions) != len(targets):
         raise ValueError(
             f'{len(predictions)} predictions but {len(targets)} targets; one each per image')
+    # sync_on_compute=False: under torch.distributed, torchmetrics would otherwise gather
+    # every rank's images and hang when only one rank computes (as in DDP validation).
     metric = MeanAveragePrecision(
-        box_format='xyxy', iou_type='bbox', class_metrics=True, backend='faster_coco_eval')
+        box_format='xyxy', iou_type='bbox', class_metrics=True, backend='faster_coco_eval',
+        sync_on_compute=False)
     preds, gts = [], []
     for detections, (boxes, labels) in zip(predictions, targets):
         preds.append({
