@@ -17,7 +17,7 @@ demo:
 	@$(ENV) && python -m gradclip_ros.demo $(DEMO_ARGS)
 
 lint:
-	@$(ENV) && ament_flake8 --config tools/ament_flake8.ini gradclip_ros test benchmarks launch tools && ament_pep257 --add-ignore D213 gradclip_ros test
+	@$(ENV) && ament_flake8 --config tools/ament_flake8.ini gradclip_ros test benchmarks launch tools && ament_pep257 gradclip_ros test --add-ignore D213
 
 bench:
 	@$(ENV) && for b in benchmarks/*.py; do python "$$b" || exit 1; done

@@ -12,8 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from gradclip_ros import clip_config
 
-# NOTE: clip_config keeps its key -> modes table private; a public name there would be better.
-MODE_FIELDS = clip_config._MODE_FIELDS
+MODE_FIELDS = clip_config.MODE_FIELDS
 
 OPTIMIZERS = ('sgd', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine')
