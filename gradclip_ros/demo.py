@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='seconds the nodes run after start-up (default 360)')
     parser.add_argument('--target-steps', type=int, default=0,
                         help='stop early once the learner has run this many steps (0 = no)')
+    parser.add_argument('--target-map50', type=float, default=0.0,
+                        help='stop early once perception serves weights whose hold-out '
+                             'mAP@0.5 reached this (0 = no)')
     parser.add_argument('--resize', default='960x540',
                         help='frame size of the converted bag, WxH (default 960x540)')
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
@@ -59,7 +62,7 @@ class GraphMonitor:
 
     def __init__(self, cameras: List[str]):
         import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from vision_msgs.msg import Detection2DArray
@@ -77,6 +80,8 @@ class GraphMonitor:
         self.learner: Dict[str, str] = {}
         self.latency_p50: List[float] = []
         self.latency_p99: List[float] = []
+        self.training_stats = 0
+        self.training_stats_keys: set = set()
 
         qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         for camera in cameras:
@@ -84,6 +89,8 @@ class GraphMonitor:
                 Detection2DArray, f'{camera}/detections',
                 lambda msg, camera=camera: self._on_detections(camera, msg), qos)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 20)
+        self.node.create_subscription(
+            DiagnosticStatus, 'training_stats', self._on_training_stats, 50)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, daemon=True)
@@ -103,6 +110,11 @@ class GraphMonitor:
             self.detections += len(msg.detections)
             self.stamps[camera].add(stamp)
             self.frame_ids[camera].add(msg.header.frame_id)
+
+    def _on_training_stats(self, msg):
+        with self.lock:
+            self.training_stats += 1
+            self.training_stats_keys.update(kv.key for kv in msg.values)
 
     def _on_diagnostics(self, msg):
         with self.lock:
@@ -240,7 +252,7 @@ def summarize(monitor: GraphMonitor, run_dir: pathlib.Path) -> Dict[str, object]
         p50 = statistics.median(monitor.latency_p50) if monitor.latency_p50 else None
         p99 = statistics.median(monitor.latency_p99) if monitor.latency_p99 else None
         rollbacks = int(monitor.learner.get('rollbacks', 0) or 0)
-    rollbacks = max(rollbacks, sum(1 for r in steps if r.get('rolled_back')))
+    rollbacks = max(rollbacks, sum(1 for r in steps if r.get('rollback')))
     map50_start = validations[0]['deployed_map50'] if validations else None
     map50_end = None
     if validations:
@@ -346,6 +358,9 @@ def main(args) -> int:
     summary = summarize(monitor, run_dir)
     summary['cameras'] = camera_details(monitor, bag, cameras)
     summary['final_model_version'] = monitor.model_version()
+    with monitor.lock:
+        summary['training_stats_messages'] = monitor.training_stats
+        summary['training_stats_keys'] = sorted(monitor.training_stats_keys)
     monitor.close()
 
     handed = sorted(model_dir.glob('*step-*.safetensors'))
@@ -378,14 +393,21 @@ def watch(monitor: GraphMonitor, children, run_dir: pathlib.Path, args) -> None:
             with monitor.lock:
                 frames = sum(monitor.frames.values())
                 learner = dict(monitor.learner)
+            version = monitor.model_version()
             bar.set_postfix_str(
                 f'frames {frames} step {learner.get("step", 0)} '
-                f'mAP50 {learner.get("last_map50", "-")} version {monitor.model_version()}')
+                f'hold-out mAP50 {learner.get("holdout_map50") or "-"} serving {version}')
             dead = [name for name, child in children.items() if child.poll() is not None]
             if dead:
                 tqdm.write(f'demo: {", ".join(dead)} exited early; see {run_dir}/{dead[0]}.log')
                 return
             if args.target_steps and int(learner.get('step', 0) or 0) >= args.target_steps:
+                return
+            deployed = float(learner.get('deployed_map50') or 0.0)
+            if (args.target_map50 > 0 and deployed >= args.target_map50
+                    and version == learner.get('deployed_version')):
+                tqdm.write(f'demo: perception serves {version} with hold-out mAP@0.5 '
+                           f'{deployed:.3f}; stopping early')
                 return
     finally:
         bar.close()
