@@ -13,4 +13,6 @@ export PATH="$_gradclip_root/.venv/ros_ws/install/gradclip_ros/lib/gradclip_ros:
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_LOCALHOST_ONLY=1
 export RMW_IMPLEMENTATION=rmw_fastrtps_cpp
+# Large shared-memory segments so camera frames are not fragmented over UDP (see the XML).
+export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$_gradclip_root/config/fastdds_localhost_shm.xml}"
 unset _gradclip_root _gradclip_nounset
