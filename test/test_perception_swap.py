@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 from std_msgs.msg import String
+from test_perception_node import (
+    Client, detection_boxes, FIT_INPUT_SIZE, image_message, start_node, status_values,
+    write_fitted_checkpoint)
 import torch
 
 from gradclip_ros.checkpoints import load_checkpoint, save_checkpoint
 from gradclip_ros.model import Detector, ModelSpec
 from gradclip_ros.perception_node import resolve_update_path
-from test_perception_node import (
-    Client, detection_boxes, FIT_INPUT_SIZE, image_message, start_node, status_values,
-    write_fitted_checkpoint)
 
 torch.set_num_threads(1)
 
