@@ -1,9 +1,12 @@
 """The pip-based ROS 2 environment is real: two processes talk over Fast DDS."""
 
+import os
+import pathlib
 import subprocess
 import sys
 import textwrap
 import time
+from xml.etree import ElementTree
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
@@ -88,3 +91,16 @@ def test_image_and_detections_cross_processes():
     assert detection.bbox.center.position.x == 12.5
     assert detection.results[0].hypothesis.class_id == 'vehicle'
     assert abs(detection.results[0].hypothesis.score - 0.75) < 1e-12
+
+
+def test_fastdds_profile_is_valid_xml():
+    # Fast DDS only logs a parse error and falls back to its defaults, so check it here.
+    path = pathlib.Path(__file__).resolve().parents[1] / 'config' / 'fastdds_localhost_shm.xml'
+    root = ElementTree.parse(path).getroot()
+    namespace = '{http://www.eprosima.com}'
+    sizes = [int(e.text) for e in root.iter(f'{namespace}segment_size')]
+    assert sizes and min(sizes) >= 8 * 1024 * 1024, 'shared-memory segment too small'
+    addresses = [e.text for e in root.iter(f'{namespace}address')]
+    assert addresses == ['127.0.0.1'], f'UDP must stay on loopback, got {addresses}'
+    assert os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE') == str(path), \
+        'tools/env.sh does not point FASTDDS_DEFAULT_PROFILES_FILE at the profile'
