@@ -31,6 +31,8 @@ from gradclip_ros.run_graph import node_command, stop_children
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = PACKAGE_ROOT.parent / 'shared' / 'data'
 APOLLO = SHARED_DATA / 'driving' / 'apollo'
+# The demo validates twice as often as the YAML default, so a few minutes show hand-overs.
+DEMO_OVERRIDES = ('online_learner_node:validate_every:=50',)
 SUMMARY_KEYS = (
     'frames_processed', 'detections_published', 'train_steps', 'steps_clipped',
     'steps_skipped', 'rollbacks', 'checkpoints_handed_over', 'latency_p50_ms',
@@ -42,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='labeled bag to replay (default: $DEMO_BAG, else a bag converted '
                              'from the Apollo frames in ../shared/data)')
     parser.add_argument('--run-dir', help='output folder (default: runs/demo-<time>)')
-    parser.add_argument('--budget', type=float, default=float(os.environ.get('DEMO_BUDGET', 360)),
-                        help='seconds the nodes run after start-up (default 360)')
+    parser.add_argument('--budget', type=float, default=float(os.environ.get('DEMO_BUDGET', 420)),
+                        help='seconds the nodes run after start-up (default: $DEMO_BUDGET or '
+                             '420)')
     parser.add_argument('--target-steps', type=int, default=0,
                         help='stop early once the learner has run this many steps (0 = no)')
     parser.add_argument('--target-map50', type=float, default=0.0,
@@ -53,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='frame size of the converted bag, WxH (default 960x540)')
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
     parser.add_argument('--set', action='append', default=[], metavar='NODE:NAME:=VALUE',
-                        help='extra parameter override, e.g. online_learner_node:batch_size:=2')
+                        help='extra parameter override, e.g. online_learner_node:batch_size:=2 '
+                             f'(applied after the demo\'s own: {" ".join(DEMO_OVERRIDES)})')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
@@ -302,7 +306,7 @@ def main(args) -> int:
     model_dir, checkpoint_dir = run_dir / 'models', run_dir / 'checkpoints'
     model_dir.mkdir(exist_ok=True)
     try:
-        overrides = parse_overrides(args.set)
+        overrides = parse_overrides(list(DEMO_OVERRIDES) + args.set)
     except ValueError as error:
         print(f'demo: {error}', file=sys.stderr)
         return 2

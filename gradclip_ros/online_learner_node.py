@@ -34,6 +34,7 @@ from gradclip_ros.images import ImageError, message_to_rgb
 from gradclip_ros.label_validation import BAD_LABEL_KINDS, validate_boxes
 from gradclip_ros.model import ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_CLASSES, ModelSpec
 from gradclip_ros.pairing import StampPairer
+from gradclip_ros.runtime import tune_malloc
 from gradclip_ros.training import config_from_parameters, Trainer, TrainerConfig
 
 NODE_NAME = 'online_learner_node'
@@ -442,6 +443,7 @@ class OnlineLearnerNode(Node):
             'step': stats['step'],
             'samples_seen': self.counters['pairs_added'],
             'samples_trained': stats.get('samples_trained', 0),
+            'duplicate_frames': stats.get('duplicate_frames', 0),
             'buffer_frames': stats['buffer_frames'],
             'buffer_bytes': stats['buffer_bytes'],
             'holdout_frames': stats['holdout_frames'],
@@ -506,6 +508,7 @@ class OnlineLearnerNode(Node):
 
 def main(args=None) -> int:
     """Run the node until shutdown; returns 1 when the configuration is invalid."""
+    tune_malloc()
     rclpy.init(args=args)
     try:
         node = OnlineLearnerNode()

@@ -46,6 +46,7 @@ from gradclip_ros.images import message_to_rgb
 from gradclip_ros.model import (
     ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_CLASSES, Detections, Detector,
     InferenceSettings, ModelSpec)
+from gradclip_ros.runtime import tune_malloc
 
 NODE_NAME = 'perception_node'
 TRANSPORTS = ('raw', 'compressed')
@@ -722,6 +723,7 @@ def annotated_image(rgb: np.ndarray, detections: Detections, header: Header,
 
 def main(args=None) -> int:
     """Run the node until shutdown; returns 1 when the configuration is invalid."""
+    tune_malloc()
     rclpy.init(args=args)
     try:
         node = PerceptionNode()

@@ -53,6 +53,9 @@ LOGGER = logging.getLogger(__name__)
 HANDOVER_PREFIX = 'learner-'
 PAD_VALUE = 114  # grey used where scale jitter shrinks the image
 EVAL_BATCH = 8  # hold-out frames per inference batch during validation
+# (camera, stamp) identities remembered to keep replayed frames on their first side; about
+# 100 bytes each, and far more than the buffers hold.
+MAX_REMEMBERED_FRAMES = 100_000
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -119,6 +122,8 @@ class Trainer:
         self.step = 0
         self.updates = 0
         self.frames_offered = 0
+        self._frame_sides: 'collections.OrderedDict[Tuple[str, int], str]' = (
+            collections.OrderedDict())
         self._losses: collections.deque = collections.deque(maxlen=config.spike_window)
         self._consecutive_bad = 0
         self._good_steps = 0
@@ -226,13 +231,26 @@ class Trainer:
             raise ValueError(
                 f'label indices {frame.labels.tolist()} outside [0, '
                 f'{len(self.spec.class_names) - 1}] for classes {self.spec.class_names}')
+        # A replayed bag shows the same frames again on every loop. Each (camera, stamp)
+        # keeps the side it got first, so a hold-out frame is never trained on later, and a
+        # repeat is not stored twice. Frames without a stamp are always new.
+        key = (frame.camera, frame.stamp_ns) if frame.stamp_ns else None
+        if key is not None and key in self._frame_sides:
+            self.counters['duplicate_frames'] += 1
+            return 'duplicate'
+
         self.frames_offered += 1
         every = self.config.holdout_every
-        if every and self.frames_offered % every == 0:
+        side = 'holdout' if every and self.frames_offered % every == 0 else 'train'
+        if side == 'holdout':
             self.holdout.add(frame)
-            return 'holdout'
-        self.buffer.add(frame)
-        return 'train'
+        else:
+            self.buffer.add(frame)
+        if key is not None:
+            self._frame_sides[key] = side
+            if len(self._frame_sides) > MAX_REMEMBERED_FRAMES:
+                self._frame_sides.popitem(last=False)
+        return side
 
     def ready(self) -> bool:
         """Return True once the buffer contains ``min_buffer_frames`` frames."""

@@ -182,6 +182,24 @@ def test_holdout_frames_never_trained_on():
     assert not held & trained
 
 
+def test_replayed_frames_keep_their_side():
+    config = TrainerConfig.from_dict({'holdout_every': 5, 'min_buffer_frames': 1})
+    trainer = Trainer(config, ModelSpec(class_names=('vehicle',), input_size=64))
+    first = [trainer.add_prepared(make_frame(index, side=64)) for index in range(1, 8)]
+
+    # A looping replay offers the same (camera, stamp) frames again.
+    again = [trainer.add_prepared(make_frame(index, side=64)) for index in range(1, 8)]
+
+    assert first.count('holdout') == 1
+    assert again == ['duplicate'] * 7
+    assert len(trainer.holdout) == 1
+    assert len(trainer.buffer) == 6
+    assert trainer.statistics()['duplicate_frames'] == 7
+    held = {frame.stamp_ns for frame in trainer.holdout.frames()}
+    trained = {frame.stamp_ns for frame in trainer.buffer.sample(20, np.random.default_rng(0))}
+    assert not held & trained
+
+
 def test_prepare_frame_scales_boxes(apollo):
     camera, stamp, image, boxes = apollo[0]
     frame, dropped = prepare_frame(image, boxes, np.zeros(len(boxes), np.int64), 320)
