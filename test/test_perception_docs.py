@@ -1,4 +1,4 @@
-"""docs/perception.md lists exactly the parameters and topics that perception_node declares."""
+"""The README lists exactly the parameters and topics that perception_node declares."""
 
 import pathlib
 import re
@@ -10,7 +10,7 @@ import yaml
 
 from gradclip_ros.perception_node import PerceptionNode
 
-DOCS = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'perception.md'
+DOCS = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 TYPE_NAMES = {
     'string': rclpy.Parameter.Type.STRING, 'bool': rclpy.Parameter.Type.BOOL,
     'integer': rclpy.Parameter.Type.INTEGER, 'double': rclpy.Parameter.Type.DOUBLE,
