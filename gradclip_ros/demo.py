@@ -1,10 +1,10 @@
 """``make demo``: replay real driving frames through both nodes and show what was learned.
 
-Steps: convert the labeled Apollo frames from the shared data folder into a rosbag2 (or take
-``DEMO_BAG``), start the perception and online-learning nodes as child processes with the
-YAML configuration, replay the bag in a loop, watch the graph with a monitor node, stop
-everything cleanly, and write a run directory with logs, plots, annotated frames before and
-after fine-tuning, and ``summary.json``. The run directory's path is the last line printed.
+The demo converts the labeled Apollo frames into a rosbag2, or takes ``DEMO_BAG``. It starts
+the perception and online-learning nodes as child processes with the YAML configuration,
+replays the bag in a loop and watches the graph with a monitor node. Then it stops everything
+cleanly and writes a run directory with logs, plots, annotated frames before and after
+fine-tuning, and ``summary.json``. The run directory's path is the last line printed.
 """
 
 import argparse

@@ -46,7 +46,7 @@ ARCHITECTURES: Dict[str, Callable[[int, int], nn.Module]] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a set of weights is: architecture, classes, input size, version and score.
+    """Identity of a set of weights: architecture, classes, input size, version and score.
 
     ``input_size`` is the side in pixels of the square the images are resized to.
     ``score`` is the validation score (hold-out mAP@0.5) the weights were accepted with, or

@@ -19,10 +19,10 @@ def tune_malloc() -> bool:
 
     By default glibc serves blocks above a dynamic threshold with mmap and unmaps them on
     free, so each forward pass page-faults its activations in again. With batches of varying
-    size (one or two cameras) the measured SSDlite predict of two 640x480 frames varied
-    between 30 and 42 ms; with these settings it stayed at 29 to 31 ms (2-core VM, torch
-    2.14.1, one thread). The cost is that the process keeps its peak heap. Returns False where
-    mallopt is unavailable (a libc other than glibc), which changes nothing.
+    size (one or two cameras), SSDlite's predict of two 640x480 frames took 30 to 42 ms by
+    default and 29 to 31 ms with these settings (2-core VM, torch 2.14.1, one thread). The
+    cost is that the process keeps its peak heap. Returns False where mallopt is unavailable
+    (a libc other than glibc); nothing changes then.
     """
     name = ctypes.util.find_library('c')
     try:

@@ -1,9 +1,9 @@
 """The demo flow, shortened: real frames replayed through both nodes over Fast DDS.
 
 The demo driver converts the labeled Apollo frames into a bag, starts perception_node and
-online_learner_node as child processes, replays the bag in a loop and stops once the
-perception node serves handed-over weights with a clearly better hold-out mAP@0.5 (or its
-time budget runs out). The summary it writes is checked here.
+online_learner_node as child processes and replays the bag in a loop. It stops once the
+perception node serves handed-over weights with a clearly better hold-out mAP@0.5, or when its
+time budget runs out. The summary it writes is checked here.
 """
 
 import json
