@@ -24,6 +24,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (
     DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile, ReliabilityPolicy)
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 import torch
@@ -509,7 +510,9 @@ class OnlineLearnerNode(Node):
 def main(args=None) -> int:
     """Run the node until shutdown; returns 1 when the configuration is invalid."""
     tune_malloc()
-    rclpy.init(args=args)
+    # Without rclpy's SIGINT handler, Ctrl-C raises KeyboardInterrupt in spin() while the
+    # context is still valid, so the worker threads stop before the context shuts down.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = OnlineLearnerNode()
     except (CheckpointError, ValueError) as error:

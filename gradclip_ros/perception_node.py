@@ -31,6 +31,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -724,7 +725,9 @@ def annotated_image(rgb: np.ndarray, detections: Detections, header: Header,
 def main(args=None) -> int:
     """Run the node until shutdown; returns 1 when the configuration is invalid."""
     tune_malloc()
-    rclpy.init(args=args)
+    # Without rclpy's SIGINT handler, Ctrl-C raises KeyboardInterrupt in spin() while the
+    # context is still valid, so the worker threads stop before the context shuts down.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = PerceptionNode()
     except (CheckpointError, ValueError) as error:

@@ -30,6 +30,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (
     DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile, ReliabilityPolicy)
+from rclpy.signals import SignalHandlerOptions
 from rosgraph_msgs.msg import Clock
 from tqdm import tqdm
 from vision_msgs.msg import Detection2DArray
@@ -500,7 +501,9 @@ def main(args=None) -> int:
         print(f'warning: {source.salvaged}; replaying what can be read record by record',
               file=sys.stderr)
 
-    rclpy.init()
+    # No command-line arguments reach rcl (its ':=' remap syntax would clash with --remap), and
+    # no rclpy SIGINT handler, so Ctrl-C stops the replay while the context is still valid.
+    rclpy.init(args=[sys.argv[0]], signal_handler_options=SignalHandlerOptions.NO)
     executor = SingleThreadedExecutor()
     node = None
     spinner = threading.Thread(target=_spin, args=(executor,), daemon=True)

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='nodes follow /clock; the replay publishes it')
     parser.add_argument('--rate', type=float, default=1.0,
                         help='replay speed factor (0 = as fast as possible)')
-    parser.add_argument('--loop', type=int, default=1,
-                        help='replay loops (0 = until stopped)')
+    parser.add_argument('--loop', type=int, default=0,
+                        help='replay loops (default 0 = until stopped, as the launch file does)')
     parser.add_argument('--duration', type=float, default=0.0,
                         help='stop everything after this many seconds (0 = until Ctrl-C or '
                              'the end of the replay)')
@@ -99,8 +99,10 @@ def build_commands(args) -> Dict[str, List[str]]:
         commands['learner'] = node_command(
             'gradclip_ros.online_learner_node', params, learner, args.namespace)
     if args.bag:
+        # The nodes take seconds to import torch, so the replay waits for their subscriptions.
         replay = [sys.executable, '-m', 'gradclip_ros.cli', 'replay', args.bag,
-                  '--rate', str(args.rate), '--loop', str(args.loop)]
+                  '--rate', str(args.rate), '--loop', str(args.loop),
+                  '--wait-for-subscribers', '60']
         if args.use_sim_time:
             replay.append('--clock')
         if args.namespace:

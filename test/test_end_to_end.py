@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
-# Node time budget; conversion, start-up and the final report add about half a minute.
-BUDGET_S = 210
+# Node time budget. It stops earlier once the target is reached (about 70 s on an idle
+# 2-core machine); conversion, start-up and the final report add about half a minute.
+BUDGET_S = 240
 TARGET_MAP50 = 0.3
 
 
@@ -26,7 +27,7 @@ def test_demo_flow_improves_served_model(shared_data, tmp_path):
         '--budget', str(BUDGET_S), '--target-map50', str(TARGET_MAP50),
         '--resize', '640x360', '--no-progress',
         '--set', 'online_learner_node:validate_every:=25',
-        '--set', 'online_learner_node:max_duty_cycle:=0.8',
+        '--set', 'online_learner_node:max_duty_cycle:=1.0',
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=BUDGET_S + 120,
                             env=os.environ.copy())
