@@ -18,24 +18,21 @@ from typing import Any, Dict, List, Sequence
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
     FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult)
-import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (
     DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile, ReliabilityPolicy)
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 import torch
 from vision_msgs.msg import Detection2DArray
 
-from gradclip_ros.checkpoints import CheckpointError, load_checkpoint
+from gradclip_ros.checkpoints import load_checkpoint
 from gradclip_ros.images import ImageError, message_to_rgb
 from gradclip_ros.label_validation import BAD_LABEL_KINDS, validate_boxes
 from gradclip_ros.model import ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_CLASSES, ModelSpec
+from gradclip_ros.node_main import run_node
 from gradclip_ros.pairing import StampPairer
-from gradclip_ros.runtime import tune_malloc
 from gradclip_ros.training import config_from_parameters, Trainer, TrainerConfig
 
 NODE_NAME = 'online_learner_node'
@@ -509,29 +506,7 @@ class OnlineLearnerNode(Node):
 
 def main(args=None) -> int:
     """Run the node until shutdown; returns 1 when the configuration is invalid."""
-    tune_malloc()
-    # Without rclpy's SIGINT handler, Ctrl-C raises KeyboardInterrupt in spin() while the
-    # context is still valid, so the worker threads stop before the context shuts down.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    try:
-        node = OnlineLearnerNode()
-    except (CheckpointError, ValueError) as error:
-        rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {error}')
-        rclpy.try_shutdown()
-        return 1
-
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        # Stops the training thread between steps and writes a complete final checkpoint.
-        node.stop()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(OnlineLearnerNode, NODE_NAME, args)
 
 
 if __name__ == '__main__':

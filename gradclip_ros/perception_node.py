@@ -27,11 +27,8 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
 from rcl_interfaces.msg import (
     FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult)
-import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -41,13 +38,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from vision_msgs.msg import (
     Detection2D, Detection2DArray, LabelInfo, ObjectHypothesisWithPose, VisionClass)
 
-from gradclip_ros.checkpoints import CheckpointError, load_checkpoint
+from gradclip_ros.checkpoints import load_checkpoint
 from gradclip_ros.diagnostics import RateMeter, RollingPercentiles
 from gradclip_ros.images import message_to_rgb
 from gradclip_ros.model import (
     ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_CLASSES, Detections, Detector,
     InferenceSettings, ModelSpec)
-from gradclip_ros.runtime import tune_malloc
+from gradclip_ros.node_main import run_node
 
 NODE_NAME = 'perception_node'
 TRANSPORTS = ('raw', 'compressed')
@@ -724,27 +721,7 @@ def annotated_image(rgb: np.ndarray, detections: Detections, header: Header,
 
 def main(args=None) -> int:
     """Run the node until shutdown; returns 1 when the configuration is invalid."""
-    tune_malloc()
-    # Without rclpy's SIGINT handler, Ctrl-C raises KeyboardInterrupt in spin() while the
-    # context is still valid, so the worker threads stop before the context shuts down.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    try:
-        node = PerceptionNode()
-    except (CheckpointError, ValueError) as error:
-        rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {error}')
-        rclpy.try_shutdown()
-        return 1
-
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(PerceptionNode, NODE_NAME, args)
 
 
 if __name__ == '__main__':
