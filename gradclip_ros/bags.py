@@ -38,7 +38,7 @@ from rosbags.typesys import get_types_from_msg, get_typestore, Stores
 from rosbags.typesys.msg import normalize_msgtype
 from rosbags.typesys.store import Typestore
 
-from gradclip_ros.images import encode_compressed, ImageError, message_to_rgb
+from gradclip_ros.images import encode_compressed, ImageError, message_to_rgb, rgb_to_image_fields
 
 LOGGER = logging.getLogger(__name__)
 
@@ -804,17 +804,10 @@ def make_header(typestore: Typestore, stamp_ns: int, frame_id: str):
 def make_image(typestore: Typestore, image: np.ndarray, stamp_ns: int, frame_id: str,
                encoding: str = 'rgb8'):
     """Build a sensor_msgs/Image from RGB uint8 [H, W, 3] (stored as rgb8 or bgr8)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f'expected RGB uint8 [H, W, 3], got {image.dtype} {image.shape}')
-    if encoding == 'bgr8':
-        image = image[:, :, ::-1]
-    elif encoding != 'rgb8':
-        raise ValueError(f"encoding must be 'rgb8' or 'bgr8', got {encoding!r}")
-    height, width = image.shape[:2]
+    fields = rgb_to_image_fields(image, encoding)
+    fields['data'] = np.frombuffer(fields['data'], np.uint8)
     return typestore.types[IMAGE_TYPE](
-        header=make_header(typestore, stamp_ns, frame_id), height=height, width=width,
-        encoding=encoding, is_bigendian=0, step=width * 3,
-        data=np.ascontiguousarray(image).reshape(-1))
+        header=make_header(typestore, stamp_ns, frame_id), **fields)
 
 
 def make_compressed_image(typestore: Typestore, image: np.ndarray, stamp_ns: int,

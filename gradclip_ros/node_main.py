@@ -1,6 +1,6 @@
-"""Shared ``main()`` body of the package's nodes: start, spin, stop cleanly."""
+"""Pieces the package's nodes share: the ``main()`` body and per-camera parameters."""
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -41,3 +41,20 @@ def run_node(factory: Callable[[], Node], name: str, args=None) -> int:
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def per_camera(values: Sequence[str], cameras: Sequence[str], name: str,
+               allowed: Sequence[str]) -> List[str]:
+    """Expand a one-for-all or one-per-camera string list; raises ValueError when invalid."""
+    values = list(values)
+    if len(values) == 1:
+        values = values * len(cameras)
+    if len(values) != len(cameras):
+        raise ValueError(
+            f'{name} has {len(values)} entries {values!r} for {len(cameras)} cameras '
+            f'{list(cameras)!r}; give one entry for all cameras or one per camera')
+    for value in values:
+        if value not in allowed:
+            raise ValueError(
+                f'invalid {name} entry {value!r}; allowed: {", ".join(allowed)}')
+    return values

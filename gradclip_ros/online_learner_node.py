@@ -13,7 +13,7 @@ import collections
 import json
 import threading
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
@@ -31,7 +31,7 @@ from gradclip_ros.checkpoints import load_checkpoint
 from gradclip_ros.images import ImageError, message_to_rgb
 from gradclip_ros.label_validation import BAD_LABEL_KINDS, validate_boxes
 from gradclip_ros.model import ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_CLASSES, ModelSpec
-from gradclip_ros.node_main import run_node
+from gradclip_ros.node_main import per_camera, run_node
 from gradclip_ros.pairing import StampPairer
 from gradclip_ros.training import config_from_parameters, Trainer, TrainerConfig
 
@@ -224,23 +224,6 @@ def _stamp_ns(header) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
-def _per_camera(values: Sequence[str], cameras: Sequence[str], name: str,
-                allowed: Sequence[str]) -> List[str]:
-    """Expand a one-or-per-camera list parameter; raises ValueError naming the bad value."""
-    values = list(values)
-    if len(values) == 1:
-        values = values * len(cameras)
-    if len(values) != len(cameras):
-        raise ValueError(
-            f'parameter {name} has {len(values)} entries for {len(cameras)} cameras; '
-            'give one for all cameras or one per camera')
-    for value in values:
-        if value not in allowed:
-            raise ValueError(f'parameter {name}: invalid value {value!r}; allowed: '
-                             f'{", ".join(allowed)}')
-    return values
-
-
 class OnlineLearnerNode(Node):
     """Pair images and labels, train in a background thread, publish accepted checkpoints."""
 
@@ -257,10 +240,10 @@ class OnlineLearnerNode(Node):
                 not all(self.cameras):
             raise ValueError(f'parameter cameras: invalid value {self.cameras!r}; expected a '
                              'non-empty list of unique, non-empty camera names')
-        self.transports = _per_camera(values['transports'], self.cameras, 'transports',
-                                      TRANSPORTS)
-        self.reliability = _per_camera(values['reliability'], self.cameras, 'reliability',
-                                       RELIABILITIES)
+        self.transports = per_camera(values['transports'], self.cameras, 'transports',
+                                     TRANSPORTS)
+        self.reliability = per_camera(values['reliability'], self.cameras, 'reliability',
+                                      RELIABILITIES)
         self.spec = ModelSpec(architecture=values['model'],
                               class_names=tuple(values['class_names']),
                               input_size=values['input_size'])

@@ -44,7 +44,7 @@ from gradclip_ros.images import message_to_rgb
 from gradclip_ros.model import (
     ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_CLASSES, Detections, Detector,
     InferenceSettings, ModelSpec)
-from gradclip_ros.node_main import run_node
+from gradclip_ros.node_main import per_camera, run_node
 
 NODE_NAME = 'perception_node'
 TRANSPORTS = ('raw', 'compressed')
@@ -129,23 +129,6 @@ def parameter_declarations() -> List[Tuple[str, object, ParameterDescriptor]]:
             description='torch.set_num_threads value for CPU inference; 0 keeps the torch '
                         'default')),
     ]
-
-
-def per_camera(values: Sequence[str], cameras: Sequence[str], name: str,
-               allowed: Sequence[str]) -> List[str]:
-    """Expand a one-for-all or one-per-camera string list; raises ValueError when invalid."""
-    values = list(values)
-    if len(values) == 1:
-        values = values * len(cameras)
-    if len(values) != len(cameras):
-        raise ValueError(
-            f'{name} has {len(values)} entries {values!r} for {len(cameras)} cameras '
-            f'{list(cameras)!r}; give one entry for all cameras or one per camera')
-    for value in values:
-        if value not in allowed:
-            raise ValueError(
-                f'invalid {name} entry {value!r}; allowed: {", ".join(allowed)}')
-    return values
 
 
 def check_camera_names(cameras: Sequence[str]) -> List[str]:

@@ -68,7 +68,8 @@ def test_labeled_frames_round_trip(tmp_path, storage):
         assert np.array_equal(frame.image, images[(frame.camera, frame.stamp_ns)])
         assert frame.image.flags.writeable
         assert frame.frame_id == f'{frame.camera}_optical_frame'
-        assert frame.boxes.dtype == np.float32 and frame.boxes.shape == (1, 4)
+        assert frame.boxes.dtype == np.float32
+        assert frame.boxes.shape == (1, 4)
         assert frame.labels.dtype == np.int64
         np.testing.assert_allclose(frame.boxes[0], [1.0, 1.0, 4.0, 5.0])
         assert frame.labels.tolist() == [0]
@@ -230,9 +231,11 @@ def test_ros1_rgb8_big_endian_flag(shared_data):
 
     # The topic is not /<camera>/image_raw, so iter_frames finds no camera in it.
     assert frames == []
-    assert msg.is_bigendian == 1 and msg.encoding == 'rgb8'
+    assert msg.is_bigendian == 1
+    assert msg.encoding == 'rgb8'
     image = bags.decode_rgb(msg)
-    assert image.shape == (480, 640, 3) and image.dtype == np.uint8
+    assert image.shape == (480, 640, 3)
+    assert image.dtype == np.uint8
     assert image[240, 320].tolist() == [172, 175, 171]
     assert bags.stamp_to_ns(msg.header.stamp) == 1648052479616566426
 
@@ -250,16 +253,19 @@ def test_ros1_color_and_depth_values(shared_data):
             decoded[connection.topic].append((msg.encoding, bags.decode_image_native(msg)))
 
     encoding, color = decoded[color_topic][0]
-    assert encoding == 'rgb8' and color.shape == (480, 640, 3)
+    assert encoding == 'rgb8'
+    assert color.shape == (480, 640, 3)
     assert color[240, 320].tolist() == [77, 46, 3]
     assert len(decoded[depth_topic]) == 2
     for encoding, depth in decoded[depth_topic]:
         assert encoding == 'mono16'
-        assert depth.shape == (480, 640) and depth.dtype == np.uint16
+        assert depth.shape == (480, 640)
+        assert depth.dtype == np.uint16
         valid = depth[depth > 0]
         # Millimetres: an indoor office between about 0.3 and 3.2 m, most pixels valid.
         assert valid.size / depth.size > 0.9
-        assert 300 <= valid.min() and valid.max() <= 3300
+        assert 300 <= valid.min()
+        assert valid.max() <= 3300
         assert 1200 <= np.median(valid) <= 1700
     assert decoded[depth_topic][0][1][240, 320] == 1536
 

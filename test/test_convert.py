@@ -125,7 +125,8 @@ def test_udacity_video_teacher_labels(shared_data, tmp_path, capsys):
     capture.release()
     labels = read_all(output)['/dash/labels']
     scores = [d.results[0].hypothesis.score for msg in labels for d in msg.detections]
-    assert scores and all(0.65 < score <= 1.0 for score in scores)
+    assert scores
+    assert all(0.65 < score <= 1.0 for score in scores)
 
 
 def test_udacity_stills_need_fps(shared_data, tmp_path, capsys):
@@ -187,7 +188,8 @@ def test_kitti_labels_with_bad_items(shared_data, tmp_path, capsys):
                                   'invalid_annotation': 1, 'label_without_image': 1}
     assert summary['notes'] == {'kitti_dont_care': 1, 'boxes_clipped_to_image': 1}
     assert "class 'Tram' maps to no detector class" in captured.err
-    assert 'test2.txt:2' in captured.err and 'outside the 1280x720 image' in captured.err
+    assert 'test2.txt:2' in captured.err
+    assert 'outside the 1280x720 image' in captured.err
     assert 'test2.txt:3: 3 columns' in captured.err
     assert 'missing_frame.txt: no image' in captured.err
 
@@ -279,7 +281,8 @@ def test_box_outside_image_coco(shared_data, tmp_path, capsys):
     assert summary['boxes'] == {'narrow': 2}
     assert summary['skipped'] == {'box_outside_image': 1, 'unknown_category': 1,
                                   'annotation_without_image': 1}
-    assert 'annotation 999 on' in captured.err and 'outside the 1920x1080 image' in captured.err
+    assert 'annotation 999 on' in captured.err
+    assert 'outside the 1920x1080 image' in captured.err
     assert 'annotation 998: category_id 7' in captured.err
     assert 'annotation 997: image_id 4242' in captured.err
 

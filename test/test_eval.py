@@ -58,7 +58,8 @@ def test_eval_json_on_real_frames(apollo_bag, random_checkpoint, capsys):
     assert 0.0 <= result['map50'] < 0.05
     assert 0.0 <= result['map'] <= result['map50']
     assert set(result['per_class']) == {'vehicle'}
-    assert result['fps'] > 0 and result['wall_fps'] > 0
+    assert result['fps'] > 0
+    assert result['wall_fps'] > 0
     assert result['skipped'] == {}
 
 
@@ -72,7 +73,8 @@ def test_eval_table_one_camera_random_init(apollo_bag, capsys):
     captured = capsys.readouterr()
     assert 'no --checkpoint given' in captured.err
     assert '(2 frames, 4 boxes)' in captured.out
-    assert 'mAP@0.5' in captured.out and 'AP vehicle' in captured.out
+    assert 'mAP@0.5' in captured.out
+    assert 'AP vehicle' in captured.out
 
 
 def test_eval_bad_inputs(apollo_bag, tmp_path, capsys):
