@@ -29,7 +29,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
     The bytes go to a temporary file in the same folder, are flushed and fsync'ed, and the file
-    is renamed over ``path``; the folder is fsync'ed so the rename survives a power cut.
+    is renamed over ``path``. The folder is fsync'ed too, so the rename survives a power cut.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

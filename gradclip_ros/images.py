@@ -1,9 +1,9 @@
 """Convert sensor_msgs Image and CompressedImage messages to RGB numpy arrays and back.
 
 Works on rclpy messages and on rosbags' message classes alike (both have the same fields).
-Decoding goes through ``rosbags.image``; this module first checks what that library assumes
-(tightly packed rows, a complete buffer, decodable compressed data) so that a malformed frame
-raises ``ImageError`` with a reason instead of crashing or reading garbage.
+Decoding goes through ``rosbags.image``. That library assumes tightly packed rows, a complete
+buffer and decodable compressed data, so this module checks those first. A malformed frame then
+raises ``ImageError`` with the reason instead of crashing or reading garbage.
 """
 
 from types import SimpleNamespace
@@ -21,7 +21,7 @@ MAX_SIDE = 16384  # pixels; larger headers are treated as corrupt, not allocated
 
 
 class ImageError(ValueError):
-    """A frame that cannot be turned into an image; the message says why."""
+    """Error for a frame that cannot be decoded; the message gives the reason."""
 
 
 def _buffer(data) -> memoryview:
