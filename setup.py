@@ -10,6 +10,9 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(exclude=['test', 'test.*']),
+    # The fused clipping kernel is compiled from this source on the target machine
+    # (gradclip_ros.clip_kernel), so it ships as a file and the package cannot run zipped.
+    package_data={package_name: ['csrc/*.cpp']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
@@ -17,7 +20,7 @@ setup(
         ('share/' + package_name + '/config', glob('config/*.yaml')),
     ],
     install_requires=['setuptools'],
-    zip_safe=True,
+    zip_safe=False,
     maintainer='gradclip_ros developers',
     maintainer_email='gradclip-ros@example.com',
     description='Camera perception that fine-tunes itself with clipped gradients.',

@@ -12,6 +12,9 @@ Measured, as medians over interleaved repetitions after a warm-up:
   batch 4 and 320x320 (forward with targets, backward, SGD step; target <= 0.05).
 - ``unitwise_loop_speedup``: a per-tensor Python-loop implementation of unitwise clipping,
   as common open-source code writes it, over this engine's unitwise mode.
+- ``value_torch_ops_vs_torch`` and ``relative_torch_ops_vs_torch``: modes ``value`` and
+  ``relative`` with ``cpu_kernel: false``, i.e. torch ops instead of the fused CPU kernel
+  (``gradclip_ros.clip_kernel``), which the plain ``value`` and ``relative`` rows use.
 
 Run: ``python benchmarks/clipping.py [--json] [--repeats N] [--device cpu|cuda]
 [--threads N]``. The default of one intra-op thread keeps the numbers stable on a machine
@@ -28,6 +31,7 @@ import time
 import torch
 import torchvision
 
+from gradclip_ros import clip_kernel
 from gradclip_ros.clipping import GradientClipper, MODES
 
 # Thresholds chosen so that every mode clips on the random gradients below.
@@ -39,6 +43,7 @@ MODE_SETTINGS = {
     'percentile': {'percentile': 90.0, 'window': 1000, 'warmup': 25},
     'zscore': {'z_max': 2.5, 'alpha': 0.97, 'warmup': 25},
 }
+KERNEL_MODES = ('value', 'relative')
 GRAD_SCALE = 1e-2  # standard deviation of the random gradient elements
 MAX_NORM = 1.0
 
@@ -111,6 +116,10 @@ def measure_clipping(model: torch.nn.Module, repeats: int, device: torch.device)
     clippers = {}
     for mode in MODES:
         clippers[mode] = GradientClipper(named, {'mode': mode, **MODE_SETTINGS[mode]})
+    # The same element-wise modes without the fused kernel, to show what the kernel gains.
+    for mode in KERNEL_MODES:
+        clippers[f'{mode}_torch_ops'] = GradientClipper(
+            named, {'mode': mode, **MODE_SETTINGS[mode], 'cpu_kernel': False})
 
     candidates = {'torch_norm': (
         lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True), reset_grads)}
@@ -203,6 +212,8 @@ def main(argv=None) -> int:
 
     torch_seconds = clip_seconds['torch_norm']
     result = {f'{mode}_vs_torch': clip_seconds[mode] / torch_seconds for mode in MODES}
+    for mode in KERNEL_MODES:
+        result[f'{mode}_torch_ops_vs_torch'] = clip_seconds[f'{mode}_torch_ops'] / torch_seconds
     slowest = max(clip_seconds[mode] for mode in MODES)
     result['max_share_of_step'] = slowest / step_seconds
     result['unitwise_loop_speedup'] = clip_seconds['unitwise_loop'] / clip_seconds['unitwise']
@@ -216,6 +227,7 @@ def main(argv=None) -> int:
         'parameter_tensors': len(params),
         'parameter_elements': sum(param.numel() for param in params),
         'torch': torch.__version__,
+        'fused_kernel': args.device == 'cpu' and clip_kernel.load() is not None,
     }
 
     if args.json:
@@ -224,11 +236,12 @@ def main(argv=None) -> int:
     setup = result['setup']
     print(f"SSDlite320-MobileNetV3 ({setup['parameter_tensors']} tensors, "
           f"{setup['parameter_elements']} elements), device {setup['device']}, "
-          f"{setup['threads']} thread(s), {args.repeats} repeats, torch {setup['torch']}")
-    print(f"{'candidate':<16}{'median ms':>11}{'vs torch norm':>15}")
+          f"{setup['threads']} thread(s), {args.repeats} repeats, torch {setup['torch']}, "
+          f"fused kernel {'on' if setup['fused_kernel'] else 'off'}")
+    print(f"{'candidate':<20}{'median ms':>11}{'vs torch norm':>15}")
     for name, seconds in clip_seconds.items():
-        print(f'{name:<16}{seconds * 1e3:>11.3f}{seconds / torch_seconds:>15.2f}')
-    print(f"{'training step':<16}{step_seconds * 1e3:>11.1f}")
+        print(f'{name:<20}{seconds * 1e3:>11.3f}{seconds / torch_seconds:>15.2f}')
+    print(f"{'training step':<20}{step_seconds * 1e3:>11.1f}")
     print(f"max share of step {result['max_share_of_step']:.4f}, "
           f"unitwise loop speed-up {result['unitwise_loop_speedup']:.1f}x")
     return 0

@@ -28,6 +28,7 @@ MODE_FIELDS = {
     'z_max': ('zscore',),
     'alpha': ('zscore',),
     'overrides': ('value', 'norm', 'relative', 'unitwise'),
+    'cpu_kernel': ('value', 'relative'),
 }
 
 # The thresholds an override may set, per mode.
@@ -79,6 +80,13 @@ class ClipConfig:
     - ``on_nonfinite``: ``skip`` (default), ``zero`` or ``error``.
     - ``top_k``: per-parameter norms in each record (default 5).
     - ``clip_rate_window``: calls that make up the rolling clip rate (default 100).
+
+    Speed:
+
+    - ``cpu_kernel``: modes ``value`` and ``relative`` on CPU with float32 or float64 run the
+      fused kernel of ``clip_kernel`` (default True); False runs torch ops only. Both give the
+      same clipped gradients; statistics differ in the last digits (the kernel sums in
+      float64).
     """
 
     mode: str
@@ -97,6 +105,7 @@ class ClipConfig:
     on_nonfinite: str = 'skip'
     top_k: int = 5
     clip_rate_window: int = 100
+    cpu_kernel: bool = True
 
     def __post_init__(self):
         self.overrides = [_to_override(item, index) for index, item in enumerate(self.overrides)]
@@ -209,6 +218,10 @@ class ClipConfig:
                 f'allowed: {list(NONFINITE_POLICIES)}')
         _check_integer('ClipConfig.top_k', self.top_k, minimum=0)
         _check_integer('ClipConfig.clip_rate_window', self.clip_rate_window, minimum=1)
+        if not isinstance(self.cpu_kernel, bool):
+            raise ValueError(
+                f'ClipConfig.cpu_kernel: invalid value {self.cpu_kernel!r}; '
+                'allowed: true or false')
         self._validate_overrides()
 
     def _validate_overrides(self) -> None:

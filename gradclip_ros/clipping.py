@@ -21,30 +21,39 @@ Modes (``g`` a gradient, ``w`` its parameter):
   Pre-Training", arXiv:2504.02507), the global norm clipped to ``mean + z_max * std`` of an
   exponential moving average when its z-score exceeds ``z_max``.
 
-The global modes work on the gradients with foreach ops. The element-wise and unitwise modes
-concatenate the gradients (and weights) of parameters that share a trailing shape into
-chunk-sized scratch buffers (``clip_layout``) and run a few large ops per chunk. On CPU every
-op costs about a microsecond per tensor, so a few large ops beat one op per tensor. The
-scratch takes a few MiB. Overrides that give parameters different thresholds add one or two
-tensors of the selected parameters' size.
+The global modes work on the gradients with foreach ops. On CPU, modes ``value`` and
+``relative`` run a fused C++ kernel (``clip_kernel``) that clamps each gradient in one loop
+and adds up the statistics as it goes; ``cpu_kernel: false`` or a failed build selects the
+torch-op path. The torch-op path of the element-wise and unitwise modes concatenates the
+gradients (and weights) of parameters that share a trailing shape into chunk-sized scratch
+buffers (``clip_layout``) and runs a few large ops per chunk. On CPU every op costs about a
+microsecond per tensor, so a few large ops beat one op per tensor. The scratch takes a few
+MiB. Overrides that give parameters different thresholds add one or two tensors of the
+selected parameters' size.
 """
 
 from collections import deque
 import fnmatch
 import heapq
+import logging
 import math
 import operator
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from gradclip_ros import clip_kernel
 from gradclip_ros.clip_config import ClipConfig, MODES, Override
 from gradclip_ros.clip_layout import Chunk, group_key, GroupLayout, segment_sum, units_of
 from gradclip_ros.clip_stats import ClipStats, NORM_EPS, PercentileHistory, ZScoreStatistics
 
 __all__ = ['ClipConfig', 'ClipStats', 'GradientClipper', 'MODES', 'Override']
 
+LOGGER = logging.getLogger(__name__)
+
 _FLAT_MODES = ('value', 'relative', 'unitwise')
+_KERNEL_MODES = ('value', 'relative')
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 _STATE_FORMAT = 1
 _GRAD = operator.attrgetter('grad')
 
@@ -103,6 +112,16 @@ class GradientClipper:
             self._build_flat(thresholds)
         elif self.mode == 'norm' and any(limit != config.max_norm for limit in thresholds):
             self._build_norm_groups(thresholds)
+        self._kernel = None
+        self._kernel_rejected = False
+        if (self.mode in _KERNEL_MODES and config.cpu_kernel and self._device.type == 'cpu'
+                and self._params[0].dtype in _KERNEL_DTYPES):
+            self._kernel = clip_kernel.load()
+            if self.mode == 'value':
+                self._kernel_low, self._kernel_rel = list(thresholds), []
+            else:
+                self._kernel_low = [low for low, _ in thresholds]
+                self._kernel_rel = [rel for _, rel in thresholds]
         self.last_stats: Optional[ClipStats] = None
 
     def _select(self, pairs: List[Tuple[str, torch.Tensor]]) -> List[Tuple[str, torch.Tensor]]:
@@ -190,6 +209,9 @@ class GradientClipper:
             if any(value != self._abs_tol for value in thresholds):
                 self._element_bound = layout.fill(thresholds, per_unit=False)
         if self.mode == 'relative':
+            # A tensor of the parameter dtype: a Python float in torch.where would round a
+            # float64 threshold to float32.
+            self._abs_floor = torch.tensor(self._abs_tol, dtype=layout.dtype, device=self._device)
             self._clipped_scratch = torch.zeros_like(layout.grad)
             self._clipped_views = layout.chunk_views(self._clipped_scratch, params)
             if any(pair != (self._abs_tol, config.rel_tol) for pair in thresholds):
@@ -217,8 +239,9 @@ class GradientClipper:
 
         Raises ``FloatingPointError`` naming the parameters when a gradient is not finite and
         ``on_nonfinite`` is ``error``. The gradient values are unchanged then, and with policy
-        ``skip``. (Mode ``relative`` writes them back unchanged, see ``_clip_relative``.)
-        A gradient whose L2 norm overflows its dtype counts as non-finite.
+        ``skip``. (The torch-op path of mode ``relative`` writes them back unchanged, see
+        ``_clip_relative``; the fused kernel writes nothing.) A gradient whose squared L2 norm
+        overflows its dtype counts as non-finite.
         """
         self._step += 1
         grads_all = list(map(_GRAD, self._params))
@@ -233,6 +256,8 @@ class GradientClipper:
         if not grads:
             stats = self._record(0.0, 0.0, self._default_threshold(), False, 0.0, [], False,
                                  subset, [])
+        elif self._kernel is not None and (fused := self._clip_fused(grads, subset)) is not None:
+            stats = fused
         elif self.mode == 'relative':
             stats = self._clip_relative(grads_all, grads, subset)
         elif self._layout is not None:
@@ -256,6 +281,13 @@ class GradientClipper:
             'numel': sum(self._params[index].numel() for index in present),
             'units': sum(units_of(self._params[index]) for index in present),
         }
+        if self._kernel is not None:
+            # The parameters themselves, not detached copies: the kernel reads their storage.
+            subset['kernel_weights'] = [self._params[index] for index in present
+                                        if self._kernel_rel]
+            subset['kernel_low'] = [self._kernel_low[index] for index in present]
+            subset['kernel_rel'] = [self._kernel_rel[index] for index in present
+                                    if self._kernel_rel]
         if self.mode == 'value':
             subset['bounds'] = [self._bounds[index] for index in present]
             subset['neg_bounds'] = [-self._bounds[index] for index in present]
@@ -460,7 +492,7 @@ class GradientClipper:
         norms = torch.stack(torch._foreach_norm(grads))
         total = torch.linalg.vector_norm(norms)
         finite = torch.isfinite(norms).all()
-        floor = torch.where(finite, self._abs_tol, math.inf).to(layout.dtype)
+        floor = torch.where(finite, self._abs_floor, math.inf)
         inputs = self._cat_inputs(grads_all, len(grads) == len(grads_all))
 
         after_parts: List[torch.Tensor] = []
@@ -503,6 +535,38 @@ class GradientClipper:
         clipped_count = round(clipped_count)
         clip = clipped_count > 0
         norm_after = math.sqrt(max(norm_after_sq, 0.0)) if clip else norm
+        return self._record(norm, norm_after, self._abs_tol, clip,
+                            clipped_count / subset['numel'], zeroed, False, subset, param_norms)
+
+    def _clip_fused(self, grads: List[torch.Tensor], subset: Dict[str, Any],
+                    zeroed: Sequence[str] = ()) -> Optional[ClipStats]:
+        """Clip in mode ``value`` or ``relative`` with the compiled kernel (``clip_kernel``).
+
+        The kernel writes nothing when a gradient norm is not finite, like the torch-op path.
+        Returns None, before anything is written, when the kernel rejects the gradients (a
+        sparse one, or one laid out unlike its weight). The caller then uses torch ops.
+        """
+        try:
+            result = self._kernel.clip_elementwise(grads, subset['kernel_weights'],
+                                                   subset['kernel_low'], subset['kernel_rel'])
+        except RuntimeError as error:
+            if not self._kernel_rejected:
+                self._kernel_rejected = True
+                LOGGER.warning('fused clipping kernel rejected the gradients, using torch ops '
+                               'for such calls: %s', str(error).splitlines()[0])
+            return None
+
+        host = result.tolist()
+        param_norms = host[:-3]
+        norm, norm_after_sq, clipped_count = host[-3:]
+        handled = self._handle_nonfinite(norm, param_norms, grads, subset, zeroed,
+                                         self._clip_fused)
+        if handled is not None:
+            return handled
+
+        clipped_count = round(clipped_count)
+        clip = clipped_count > 0
+        norm_after = math.sqrt(norm_after_sq) if clip else norm
         return self._record(norm, norm_after, self._abs_tol, clip,
                             clipped_count / subset['numel'], zeroed, False, subset, param_norms)
 

@@ -67,4 +67,11 @@ step "$current"
 source "$root/tools/env.sh"
 python -c 'import rclpy, torch, vision_msgs.msg, gradclip_ros' \
     || fail 'the built packages do not import; see the traceback above'
+
+current='build the fused clipping kernel'
+step "$current (about 20 s the first time)"
+# Optional: without it, clipping modes value and relative run slower torch ops.
+python -m gradclip_ros.clip_kernel \
+    || echo 'warning: the kernel did not build (message above); clipping still works, slower'
+
 echo "set-up complete: $(du -sh "$venv" | cut -f1) in $venv"

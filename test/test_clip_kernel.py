@@ -1,0 +1,297 @@
+"""The fused CPU kernel of modes value and relative against the torch-op path, and its fallback."""
+
+import copy
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+from hypothesis import given, settings
+import hypothesis.strategies as st
+import pytest
+import torch
+
+from gradclip_ros import clip_kernel
+from gradclip_ros.clipping import GradientClipper
+
+KERNEL_MODES = ('value', 'relative')
+SETTINGS = {
+    'value': {'abs_tol': 0.05},
+    'relative': {'abs_tol': 1e-3, 'rel_tol': 0.1},
+}
+
+
+def random_named(seed, shapes, scale, dtype=torch.float32, missing=()):
+    """Return [(name, parameter)] with random weights and gradients, none for ``missing``."""
+    generator = torch.Generator().manual_seed(seed)
+    named = []
+    for index, shape in enumerate(shapes):
+        param = torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype))
+        grad = torch.randn(shape, generator=generator, dtype=dtype) * scale
+        param.grad = None if index in missing else grad
+        named.append((f'layer{index}.weight', param))
+    return named
+
+
+def twin(named):
+    """Return a deep copy of ``named`` with the same weights and gradients."""
+    copies = []
+    for name, param in named:
+        other = torch.nn.Parameter(param.detach().clone())
+        other.grad = None if param.grad is None else param.grad.clone()
+        copies.append((name, other))
+    return copies
+
+
+def clip_both(named, settings):
+    """Clip ``named`` with the kernel, a copy with torch ops. Return both records and copy."""
+    reference = twin(named)
+    fused = GradientClipper(named, {**settings, 'cpu_kernel': True})
+    plain = GradientClipper(reference, {**settings, 'cpu_kernel': False})
+    assert fused._kernel is not None
+    assert plain._kernel is None
+    return fused.clip(), plain.clip(), reference
+
+
+def assert_same_result(named, reference, fused, plain):
+    for (name, param), (_, other) in zip(named, reference):
+        if param.grad is None:
+            assert other.grad is None, name
+            continue
+        assert torch.equal(param.grad, other.grad), name
+    assert fused.clipped == plain.clipped
+    assert fused.clip_fraction == plain.clip_fraction
+    assert fused.norm_before == pytest.approx(plain.norm_before, rel=1e-5)
+    assert fused.norm_after == pytest.approx(plain.norm_after, rel=1e-5, abs=1e-30)
+    assert fused.threshold == plain.threshold
+    assert [name for name, _ in fused.top_norms] == [name for name, _ in plain.top_norms]
+
+
+def test_kernel_builds_here():
+    # make setup builds it; a clean machine with g++ and ninja compiles it on first use.
+    assert clip_kernel.load() is not None, clip_kernel.load_error()
+
+
+shapes_strategy = st.lists(
+    st.one_of(
+        st.tuples(st.integers(1, 40)),
+        st.tuples(st.integers(1, 5), st.integers(1, 7)),
+        st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+    ),
+    min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=shapes_strategy, seed=st.integers(0, 2 ** 31 - 1),
+       scale=st.sampled_from([1e-6, 1e-3, 1.0, 1e3]), mode=st.sampled_from(KERNEL_MODES),
+       abs_tol=st.floats(1e-4, 1.0), rel_tol=st.floats(0.0, 1.0),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_kernel_matches_torch_ops(shapes, seed, scale, mode, abs_tol, rel_tol, dtype):
+    named = random_named(seed, shapes, scale, dtype)
+    settings = {'mode': mode, 'abs_tol': abs_tol}
+    if mode == 'relative':
+        settings['rel_tol'] = rel_tol
+
+    fused, plain, reference = clip_both(named, settings)
+
+    assert_same_result(named, reference, fused, plain)
+
+
+@pytest.mark.parametrize('mode', KERNEL_MODES)
+def test_kernel_matches_with_overrides(mode):
+    named = random_named(3, [(8, 3, 3, 3), (8,), (16, 8), (16,), (5,)], 0.3, missing=(3,))
+    settings = {'mode': mode, **SETTINGS[mode],
+                'overrides': [{'pattern': 'layer1.*', 'abs_tol': 0.5},
+                              {'pattern': 'layer2.*', 'abs_tol': 1e-4}]}
+    if mode == 'relative':
+        settings['overrides'][1]['rel_tol'] = 0.01
+
+    fused, plain, reference = clip_both(named, settings)
+
+    assert named[3][1].grad is None
+    assert fused.clipped
+    assert_same_result(named, reference, fused, plain)
+
+
+def test_kernel_takes_channels_last_gradients():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1)).to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    model(images.to(memory_format=torch.channels_last)).square().sum().backward()
+    named = list(model.named_parameters())
+    assert named[0][1].grad.is_contiguous(memory_format=torch.channels_last)
+    assert not named[0][1].grad.is_contiguous()
+
+    fused, plain, reference = clip_both(named, {'mode': 'relative', **SETTINGS['relative']})
+
+    assert fused.clipped
+    assert_same_result(named, reference, fused, plain)
+
+
+def test_kernel_rejection_falls_back_to_torch_ops(caplog):
+    # A channels-last gradient of a contiguous weight is laid out unlike the weight, so the
+    # kernel rejects it before writing anything and the torch ops clip instead.
+    named = random_named(5, [(4, 3, 2, 2), (4,)], 1.0)
+    named[0][1].grad = named[0][1].grad.contiguous(memory_format=torch.channels_last)
+
+    with caplog.at_level(logging.WARNING, logger='gradclip_ros.clipping'):
+        fused, plain, reference = clip_both(named, {'mode': 'relative', **SETTINGS['relative']})
+
+    assert 'rejected the gradients' in caplog.text
+    assert 'layout' in caplog.text
+    assert fused.clipped
+    assert_same_result(named, reference, fused, plain)
+
+
+def test_kernel_bumps_the_version_counter():
+    named = random_named(1, [(6, 5)], 1.0)
+    grad = named[0][1].grad
+    version = grad._version
+
+    GradientClipper(named, {'mode': 'value', 'abs_tol': 0.1}).clip()
+
+    assert grad._version > version
+    assert grad.abs().max() <= torch.tensor(0.1)
+
+
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+@pytest.mark.parametrize('mode', KERNEL_MODES)
+@pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])
+def test_nonfinite_skip_and_error_leave_gradients(cpu_kernel, mode, bad):
+    named = random_named(2, [(6, 4), (6,), (3, 2, 2, 2)], 1.0)
+    named[2][1].grad[1, 0, 0, 1] = bad
+    before = [param.grad.clone() for _, param in named]
+    settings = {'mode': mode, **SETTINGS[mode], 'cpu_kernel': cpu_kernel}
+
+    stats = GradientClipper(named, settings).clip()
+    with pytest.raises(FloatingPointError, match='layer2.weight'):
+        GradientClipper(named, {**settings, 'on_nonfinite': 'error'}).clip()
+
+    assert stats.skip_step
+    assert stats.nonfinite_names == ['layer2.weight']
+    assert not math.isfinite(stats.norm_before)
+    for (name, param), old in zip(named, before):
+        assert torch.equal(param.grad.nan_to_num(), old.nan_to_num()), name
+        assert torch.equal(param.grad.isnan(), old.isnan()), name
+
+
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+@pytest.mark.parametrize('mode', KERNEL_MODES)
+def test_nonfinite_zero_policy_clips_the_rest(cpu_kernel, mode):
+    named = random_named(4, [(6, 4), (6,), (5,)], 1.0)
+    reference = twin(named)
+    named[1][1].grad[2] = math.nan
+    reference[1][1].grad.zero_()
+    settings = {'mode': mode, **SETTINGS[mode], 'cpu_kernel': cpu_kernel,
+                'on_nonfinite': 'zero'}
+
+    stats = GradientClipper(named, settings).clip()
+    expected = GradientClipper(reference, settings).clip()
+
+    assert stats.nonfinite_names == ['layer1.weight']
+    assert not stats.skip_step
+    assert stats.clipped
+    assert torch.equal(named[1][1].grad, torch.zeros(6))
+    for (name, param), (_, other) in zip(named, reference):
+        assert torch.equal(param.grad, other.grad), name
+    assert stats.clip_fraction == expected.clip_fraction
+
+
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+def test_norm_overflowing_float32_counts_as_nonfinite(cpu_kernel):
+    # Every element is finite, but the sum of squares (3e40) does not fit in float32.
+    named = random_named(6, [(3,), (4,)], 1.0)
+    named[0][1].grad = torch.full((3,), 1e20)
+
+    stats = GradientClipper(named, {'mode': 'value', 'abs_tol': 0.1,
+                                    'cpu_kernel': cpu_kernel}).clip()
+
+    assert stats.skip_step
+    assert stats.nonfinite_names == ['layer0.weight']
+    assert named[0][1].grad.tolist() == pytest.approx([1e20] * 3)
+
+
+def test_at_threshold_not_counted_by_kernel():
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.0, 4.0]))
+    param.grad = torch.tensor([0.1, -0.2, 0.05, 0.5])
+
+    stats = GradientClipper([('w', param)], {'mode': 'relative', 'abs_tol': 0.05,
+                                             'rel_tol': 0.1}).clip()
+
+    # Bounds 0.1, 0.2, 0.05 (floor) and 0.4: only the last element is outside.
+    assert param.grad.tolist() == pytest.approx([0.1, -0.2, 0.05, 0.4])
+    assert stats.clip_fraction == 0.25
+    assert stats.norm_after == pytest.approx(math.sqrt(0.01 + 0.04 + 0.0025 + 0.16), rel=1e-6)
+
+
+def test_training_with_kernel_matches_torch_ops():
+    # Ten SGD steps of a small CNN: the clipped gradients, hence the weights, stay identical.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5))
+    other = copy.deepcopy(model)
+    runs = []
+    for net, cpu_kernel in ((model, True), (other, False)):
+        clipper = GradientClipper(net.named_parameters(),
+                                  {'mode': 'relative', 'abs_tol': 1e-3, 'rel_tol': 0.01,
+                                   'cpu_kernel': cpu_kernel})
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        generator = torch.Generator().manual_seed(1)
+        fractions = []
+        for _ in range(10):
+            optimizer.zero_grad(set_to_none=True)
+            net(torch.randn(4, 3, 8, 8, generator=generator)).square().sum().backward()
+            fractions.append(clipper.clip().clip_fraction)
+            optimizer.step()
+        runs.append(fractions)
+
+    assert runs[0] == runs[1]
+    assert max(runs[0]) > 0.0
+    for param, other_param in zip(model.parameters(), other.parameters()):
+        assert torch.equal(param, other_param)
+
+
+def test_build_failure_falls_back_to_torch_ops(tmp_path):
+    # A build folder below a plain file cannot be created, so the build fails in this child
+    # process. The clipper must warn once and still clip with torch ops.
+    blocker = tmp_path / 'not_a_folder'
+    blocker.write_text('x')
+    script = textwrap.dedent("""
+        import logging
+        import torch
+        from gradclip_ros import clip_kernel
+        from gradclip_ros.clipping import GradientClipper
+        logging.basicConfig(level=logging.WARNING)
+        param = torch.nn.Parameter(torch.zeros(3))
+        param.grad = torch.tensor([0.5, -2.0, 0.1])
+        clipper = GradientClipper([('w', param)], {'mode': 'value', 'abs_tol': 0.2})
+        stats = clipper.clip()
+        print('kernel', clipper._kernel is None, clip_kernel.load_error() is not None)
+        print('grad', param.grad.tolist(), stats.clip_fraction)
+    """)
+    env = dict(os.environ, GRADCLIP_ROS_KERNEL_DIR=str(blocker / 'build'))
+
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                            text=True, timeout=120, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert 'kernel True True' in result.stdout
+    assert 'grad [0.20000000298023224, -0.20000000298023224, 0.10000000149011612]' \
+        in result.stdout
+    assert 'fused clipping kernel unavailable' in result.stderr
+    assert result.stderr.count('fused clipping kernel unavailable') == 1
+
+
+@pytest.mark.parametrize('value', ['yes', 1, None])
+def test_cpu_kernel_must_be_bool(value):
+    with pytest.raises(ValueError, match=r'ClipConfig\.cpu_kernel: invalid value'):
+        GradientClipper(random_named(0, [(3,)], 1.0),
+                        {'mode': 'relative', **SETTINGS['relative'], 'cpu_kernel': value})
+
+
+def test_cpu_kernel_only_for_element_modes():
+    with pytest.raises(ValueError, match='"cpu_kernel" is not used by mode "norm"'):
+        GradientClipper(random_named(0, [(3,)], 1.0),
+                        {'mode': 'norm', 'max_norm': 1.0, 'cpu_kernel': True})
