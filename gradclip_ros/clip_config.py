@@ -297,7 +297,11 @@ def _check_number(name: str, value: Any, minimum: float, inclusive: bool = True,
         raise ValueError(f'{name}: invalid value {value!r}; expected {allowed}')
     too_low = value < minimum if inclusive else value <= minimum
     too_high = value > maximum if maximum_inclusive else value >= maximum
-    if not math.isfinite(value) or too_low or too_high:
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        finite = False
+    if not finite or too_low or too_high:
         raise ValueError(f'{name}: invalid value {value!r}; expected {allowed}')
 
 

@@ -264,6 +264,8 @@ class GroupLayout:
     def fill(self, values: Sequence[float], per_unit: bool) -> torch.Tensor:
         """Expand one number per parameter to a tensor per unit ([U]) or per element ([N])."""
         counts = self.units if per_unit else self.sizes
-        parts = [torch.full((count,), value, dtype=self.dtype)
+        # Built in float64 and converted, so a value beyond the dtype's range becomes inf
+        # instead of raising.
+        parts = [torch.full((count,), value, dtype=torch.float64)
                  for value, count in zip(values, counts)]
-        return torch.cat(parts).to(self.device)
+        return torch.cat(parts).to(device=self.device, dtype=self.dtype)

@@ -203,11 +203,16 @@ class GradientClipper:
 
         # Per-element or per-unit threshold tensors, built only when overrides make them vary.
         self._element_bound = self._element_abs = self._element_rel = None
-        self._bounds = thresholds if self.mode == 'value' else None
+        self._bounds = None
         if self.mode == 'value':
+            # A bound above the dtype's maximum changes no finite value, but torch's clamp
+            # raises when it converts such a scalar, so the clamps use the maximum instead.
+            largest = torch.finfo(layout.dtype).max
+            self._value_bound = min(self._abs_tol, largest)
+            self._bounds = [min(value, largest) for value in thresholds]
             self._clipped_scratch = torch.zeros_like(layout.grad)
-            if any(value != self._abs_tol for value in thresholds):
-                self._element_bound = layout.fill(thresholds, per_unit=False)
+            if any(value != self._value_bound for value in self._bounds):
+                self._element_bound = layout.fill(self._bounds, per_unit=False)
         if self.mode == 'relative':
             # A tensor of the parameter dtype: a Python float in torch.where would round a
             # float64 threshold to float32.
@@ -253,19 +258,38 @@ class GradientClipper:
                 f'GradientClipper: gradients are on {grads[0].device}, the clipper was built '
                 f'for {self._device}; build a new clipper after moving the model')
 
-        if not grads:
-            stats = self._record(0.0, 0.0, self._default_threshold(), False, 0.0, [], False,
-                                 subset, [])
-        elif self._kernel is not None and (fused := self._clip_fused(grads, subset)) is not None:
-            stats = fused
-        elif self.mode == 'relative':
-            stats = self._clip_relative(grads_all, grads, subset)
-        elif self._layout is not None:
-            stats = self._clip_flat(grads_all, grads, subset)
-        else:
-            stats = self._clip_global(grads, subset)
+        try:
+            stats = self._clip_present(grads_all, grads, subset)
+        except NotImplementedError:
+            # torch.cat of the torch-op path fails on a sparse gradient before anything is
+            # written; name the parameters instead of showing torch's dispatch error.
+            sparse = [name for name, grad in zip(subset['names'], grads)
+                      if grad.layout != torch.strided]
+            if not sparse:
+                raise
+            self._step -= 1
+            raise ValueError(
+                f'GradientClipper: sparse gradient in {", ".join(sparse)}; mode "{self.mode}" '
+                'needs dense gradients (modes norm, percentile and zscore accept sparse ones)'
+            ) from None
         self.last_stats = stats
         return stats
+
+    def _clip_present(self, grads_all: List[Optional[torch.Tensor]], grads: List[torch.Tensor],
+                      subset: Dict[str, Any]) -> ClipStats:
+        """Run the path of this mode on the gradients that exist in this call."""
+        if not grads:
+            return self._record(0.0, 0.0, self._default_threshold(), False, 0.0, [], False,
+                                subset, [])
+        if self._kernel is not None:
+            stats = self._clip_fused(grads, subset)
+            if stats is not None:
+                return stats
+        if self.mode == 'relative':
+            return self._clip_relative(grads_all, grads, subset)
+        if self._layout is not None:
+            return self._clip_flat(grads_all, grads, subset)
+        return self._clip_global(grads, subset)
 
     def _subset(self, key: Optional[Tuple[bool, ...]]) -> Dict[str, Any]:
         """Return the cached names, views and counts of the parameters that have a gradient."""
@@ -426,8 +450,8 @@ class GradientClipper:
         clip = clipped_count > 0
         if clip and self.mode == 'value':
             if self._element_bound is None:
-                torch._foreach_clamp_min_(grads, -self._abs_tol)
-                torch._foreach_clamp_max_(grads, self._abs_tol)
+                torch._foreach_clamp_min_(grads, -self._value_bound)
+                torch._foreach_clamp_max_(grads, self._value_bound)
             else:
                 torch._foreach_clamp_min_(grads, subset['neg_bounds'])
                 torch._foreach_clamp_max_(grads, subset['bounds'])
@@ -462,7 +486,7 @@ class GradientClipper:
         flat = self._layout.scratch(chunk)
         clipped = self._clipped_scratch[:chunk.numel]
         if self._element_bound is None:
-            torch.clamp(flat, -self._abs_tol, self._abs_tol, out=clipped)
+            torch.clamp(flat, -self._value_bound, self._value_bound, out=clipped)
         else:
             bound = self._element_bound[chunk.base:chunk.base + chunk.numel]
             torch.neg(bound, out=clipped)
@@ -502,13 +526,16 @@ class GradientClipper:
             layout.load(chunk, self._weight_inputs, weights=True, norm_dtype=None)
             flat = layout.scratch(chunk)
             bound = layout.scratch(chunk, weights=True)
+            # A NaN product (0 * inf from a huge rel_tol, or a non-finite weight) becomes 0, so
+            # the bound is abs_tol and not NaN. torch.fmax would do the same about 30x slower (CPU).
             bound.abs_()
             if self._element_rel is None:
-                bound.mul_(self.config.rel_tol).clamp_min_(floor)
+                bound.mul_(self.config.rel_tol).nan_to_num_(nan=0.0, posinf=math.inf)
+                bound.clamp_min_(floor)
             else:
                 start, end = chunk.base, chunk.base + chunk.numel
-                torch.maximum(bound.mul_(self._element_rel[start:end]),
-                              self._element_abs[start:end], out=bound)
+                bound.mul_(self._element_rel[start:end]).nan_to_num_(nan=0.0, posinf=math.inf)
+                torch.maximum(bound, self._element_abs[start:end], out=bound)
                 bound.clamp_min_(floor - self._abs_tol)
             clipped = self._clipped_scratch[:chunk.numel]
             torch.neg(bound, out=clipped)

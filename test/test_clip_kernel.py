@@ -295,3 +295,81 @@ def test_cpu_kernel_only_for_element_modes():
     with pytest.raises(ValueError, match='"cpu_kernel" is not used by mode "norm"'):
         GradientClipper(random_named(0, [(3,)], 1.0),
                         {'mode': 'norm', 'max_norm': 1.0, 'cpu_kernel': True})
+
+
+@pytest.mark.parametrize('dtype, cpu_kernel', [(torch.float16, True), (torch.float32, False),
+                                               (torch.float32, True)])
+def test_value_bound_above_dtype_range(dtype, cpu_kernel):
+    # 1e39 does not fit in float32 (nor 1e5 in float16); such a bound changes nothing.
+    abs_tol = 1e5 if dtype == torch.float16 else 1e39
+    named = random_named(7, [(3, 2), (4,)], 10.0, dtype)
+    before = [param.grad.clone() for _, param in named]
+
+    settings = {'mode': 'value', 'abs_tol': abs_tol, 'cpu_kernel': cpu_kernel,
+                'overrides': [{'pattern': 'layer1.*', 'abs_tol': 2e39}]}
+    stats = GradientClipper(named, settings).clip()
+
+    assert not stats.clipped
+    assert stats.threshold == abs_tol
+    for (name, param), old in zip(named, before):
+        assert torch.equal(param.grad, old), name
+
+
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+def test_relative_nan_bound_falls_back_to_abs_tol(cpu_kernel):
+    # rel_tol 1e39 is inf in float32, and 0 * inf is NaN; a NaN weight gives a NaN product too.
+    weight = torch.nn.Parameter(torch.tensor([0.0, 1.0, math.nan, -2.0]))
+    weight.grad = torch.tensor([0.5, -0.5, 0.3, 0.01])
+
+    stats = GradientClipper([('w', weight)], {'mode': 'relative', 'abs_tol': 0.1,
+                                              'rel_tol': 1e39, 'cpu_kernel': cpu_kernel}).clip()
+
+    assert weight.grad.tolist() == pytest.approx([0.1, -0.5, 0.1, 0.01])
+    assert stats.clip_fraction == 0.5
+    assert not stats.skip_step
+
+
+@pytest.mark.parametrize('mode', ['value', 'relative', 'unitwise'])
+def test_sparse_gradient_named_in_error(mode):
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    embedding(torch.tensor([1, 2, 2])).sum().backward()
+    settings = {'mode': mode, 'abs_tol': 0.1}
+    if mode != 'value':
+        settings['rel_tol'] = 0.1
+    clipper = GradientClipper(embedding.named_parameters(), settings)
+
+    with pytest.raises(ValueError, match=r'sparse gradient in weight; mode "' + mode):
+        clipper.clip()
+    assert clipper.state_dict()['step'] == 0
+
+
+def test_sparse_gradient_norm_mode_clips():
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    embedding(torch.tensor([1, 2, 2])).sum().backward()
+
+    stats = GradientClipper(embedding.named_parameters(), {'mode': 'norm', 'max_norm': 1.0}).clip()
+
+    assert stats.clipped
+    assert stats.norm_after == pytest.approx(1.0, rel=1e-5)
+
+
+def test_inference_gradients_left_unchanged():
+    # In-place writes to inference tensors fail outside inference mode, on both paths. The
+    # kernel must reject them before it writes any of the other gradients.
+    first = torch.nn.Parameter(torch.zeros(3))
+    second = torch.nn.Parameter(torch.zeros(3))
+    first.grad = torch.full((3,), 5.0)
+    with torch.inference_mode():
+        second.grad = torch.full((3,), 5.0)
+
+    with pytest.raises(RuntimeError, match='[Ii]nference'):
+        GradientClipper([('first', first), ('second', second)],
+                        {'mode': 'value', 'abs_tol': 1.0}).clip()
+
+    assert first.grad.tolist() == [5.0, 5.0, 5.0]
+    assert second.grad.tolist() == [5.0, 5.0, 5.0]
+
+
+def test_threshold_beyond_float_range_rejected():
+    with pytest.raises(ValueError, match=r'ClipConfig\.abs_tol: invalid value 1000'):
+        GradientClipper(random_named(0, [(3,)], 1.0), {'mode': 'value', 'abs_tol': 10 ** 400})

@@ -32,8 +32,8 @@ double sum_of_squares(const T* grad, int64_t count) {
   return total;
 }
 
-// Clamp one gradient in place to [-t, t], t = max(low, rel * |w|). A NaN bound (from a NaN
-// weight) turns the element into NaN, as torch.clamp does.
+// Clamp one gradient in place to [-t, t], t = max(low, rel * |w|). A NaN product (0 * inf from a
+// huge rel, or a non-finite weight) gives t = low, as in the torch-op path.
 template <typename T>
 void clamp_relative(T* grad, const T* weight, int64_t count, T low, T rel, double* after_sq,
                     double* changed) {
@@ -43,9 +43,8 @@ void clamp_relative(T* grad, const T* weight, int64_t count, T low, T rel, doubl
   for (int64_t i = 0; i < count; ++i) {
     const T value = grad[i];
     const T scaled = (weight[i] < T(0) ? -weight[i] : weight[i]) * rel;
-    const T bound = (scaled > low || scaled != scaled) ? scaled : low;
-    T result = value > bound ? bound : (value < -bound ? -bound : value);
-    result = bound != bound ? bound : result;
+    const T bound = scaled > low ? scaled : low;
+    const T result = value > bound ? bound : (value < -bound ? -bound : value);
     moved += result != value;
     const double square = static_cast<double>(result);
     squares += square * square;
@@ -55,7 +54,8 @@ void clamp_relative(T* grad, const T* weight, int64_t count, T low, T rel, doubl
   *changed = static_cast<double>(moved);
 }
 
-// Clamp one gradient in place to [-bound, bound]. In mode value the bound is finite and > 0.
+// Clamp one gradient in place to [-bound, bound]. In mode value the bound is > 0 (inf when
+// abs_tol exceeds the dtype's range).
 template <typename T>
 void clamp_value(T* grad, int64_t count, T bound, double* after_sq, double* changed) {
   double squares = 0.0;
@@ -88,6 +88,10 @@ void check_inputs(const std::vector<torch::Tensor>& grads, const std::vector<tor
     TORCH_CHECK(grad.device().is_cpu() && grad.layout() == torch::kStrided &&
                     grad.is_non_overlapping_and_dense() && !grad.is_neg(),
                 "clip_elementwise: gradient ", i, " is not a dense CPU tensor");
+    // Inference tensors cannot be written outside inference mode (their version counter
+    // raises), and the torch ops reject them with torch's own message.
+    TORCH_CHECK(!grad.is_inference(), "clip_elementwise: gradient ", i,
+                " is an inference tensor");
     TORCH_CHECK(grad.scalar_type() == grads[0].scalar_type() &&
                     (grad.scalar_type() == torch::kFloat || grad.scalar_type() == torch::kDouble),
                 "clip_elementwise: gradient ", i, " is ", grad.scalar_type(),
@@ -128,6 +132,11 @@ torch::Tensor run(const std::vector<torch::Tensor>& grads, const std::vector<tor
   }
 
   if (finite) {
+    // Writes go through raw pointers, so bump autograd's version counters as in-place ops do,
+    // all before the first write.
+    for (int64_t i = 0; i < count; ++i) {
+      grads[i].unsafeGetTensorImpl()->bump_version();
+    }
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         T* grad = grads[i].data_ptr<T>();
@@ -138,8 +147,6 @@ torch::Tensor run(const std::vector<torch::Tensor>& grads, const std::vector<tor
           clamp_relative(grad, weights[i].data_ptr<T>(), grads[i].numel(), bound,
                          static_cast<T>(rel[i]), &after[i], &changed[i]);
         }
-        // Writes through the raw pointer, so tell autograd's version counter, as in-place ops do.
-        grads[i].unsafeGetTensorImpl()->bump_version();
       }
     });
   }
