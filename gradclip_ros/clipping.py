@@ -527,7 +527,7 @@ class GradientClipper:
             flat = layout.scratch(chunk)
             bound = layout.scratch(chunk, weights=True)
             # A NaN product (0 * inf from a huge rel_tol, or a non-finite weight) becomes 0, so
-            # the bound is abs_tol and not NaN. torch.fmax would do the same about 30x slower (CPU).
+            # the bound is abs_tol and not NaN. torch.fmax does the same about 30x slower (CPU).
             bound.abs_()
             if self._element_rel is None:
                 bound.mul_(self.config.rel_tol).nan_to_num_(nan=0.0, posinf=math.inf)
