@@ -12,9 +12,9 @@ Measured, as medians over interleaved repetitions after a warm-up:
   batch 4 and 320x320 (forward with targets, backward, SGD step; target <= 0.05).
 - ``unitwise_loop_speedup``: a per-tensor Python-loop implementation of unitwise clipping,
   as common open-source code writes it, over this engine's unitwise mode.
-- ``value_torch_ops_vs_torch`` and ``relative_torch_ops_vs_torch``: modes ``value`` and
-  ``relative`` with ``cpu_kernel: false``, i.e. torch ops instead of the fused CPU kernel
-  (``gradclip_ros.clip_kernel``), which the plain ``value`` and ``relative`` rows use.
+- ``value_torch_ops_vs_torch``, ``relative_torch_ops_vs_torch`` and
+  ``unitwise_torch_ops_vs_torch``: those modes with ``cpu_kernel: false``, i.e. torch ops
+  instead of the fused CPU kernel (``gradclip_ros.clip_kernel``) that their plain rows use.
 
 Run: ``python benchmarks/clipping.py [--json] [--repeats N] [--device cpu|cuda]
 [--threads N]``. The default of one intra-op thread keeps the numbers stable on a machine
@@ -43,7 +43,7 @@ MODE_SETTINGS = {
     'percentile': {'percentile': 90.0, 'window': 1000, 'warmup': 25},
     'zscore': {'z_max': 2.5, 'alpha': 0.97, 'warmup': 25},
 }
-KERNEL_MODES = ('value', 'relative')
+KERNEL_MODES = ('value', 'relative', 'unitwise')
 GRAD_SCALE = 1e-2  # standard deviation of the random gradient elements
 MAX_NORM = 1.0
 
@@ -116,7 +116,7 @@ def measure_clipping(model: torch.nn.Module, repeats: int, device: torch.device)
     clippers = {}
     for mode in MODES:
         clippers[mode] = GradientClipper(named, {'mode': mode, **MODE_SETTINGS[mode]})
-    # The same element-wise modes without the fused kernel, to show what the kernel gains.
+    # The same modes without the fused kernel, to show what the kernel gains.
     for mode in KERNEL_MODES:
         clippers[f'{mode}_torch_ops'] = GradientClipper(
             named, {'mode': mode, **MODE_SETTINGS[mode], 'cpu_kernel': False})

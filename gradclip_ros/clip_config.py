@@ -28,7 +28,7 @@ MODE_FIELDS = {
     'z_max': ('zscore',),
     'alpha': ('zscore',),
     'overrides': ('value', 'norm', 'relative', 'unitwise'),
-    'cpu_kernel': ('value', 'relative'),
+    'cpu_kernel': ('value', 'relative', 'unitwise'),
 }
 
 # The thresholds an override may set, per mode.
@@ -83,10 +83,11 @@ class ClipConfig:
 
     Speed:
 
-    - ``cpu_kernel``: modes ``value`` and ``relative`` on CPU with float32 or float64 run the
-      fused kernel of ``clip_kernel`` (default True); False runs torch ops only. Both give the
-      same clipped gradients; statistics differ in the last digits (the kernel sums in
-      float64).
+    - ``cpu_kernel``: modes ``value``, ``relative`` and ``unitwise`` on CPU with float32 or
+      float64 run the fused kernels of ``clip_kernel`` (default True); False runs torch ops
+      only. Value and relative give the same clipped gradients either way. Unitwise may
+      differ in the last bit, because the kernel sums unit norms in float64, as do the
+      statistics of all three.
     """
 
     mode: str

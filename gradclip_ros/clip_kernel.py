@@ -1,8 +1,8 @@
-"""Build and load the fused CPU kernel of clipping modes ``value`` and ``relative``.
+"""Build and load the fused CPU kernels of clipping modes ``value``, ``relative`` and ``unitwise``.
 
-The kernel (``csrc/elementwise_clip.cpp``) clamps every gradient in place in one loop per
-tensor. Torch ops need about eight passes over scratch copies for the same clamp, count and
-norms (see ``clipping._clip_relative``). It is compiled for the machine it runs on
+The kernels (``csrc/fused_clip.cpp``) clip every gradient in place in one loop per tensor.
+Torch ops need several passes over scratch copies for the same result and statistics (about
+eight for ``relative``, see ``clipping._clip_relative``). It is compiled for the machine it runs on
 (``-march=native``) with ``torch.utils.cpp_extension``. ``make setup`` builds it; a process that
 finds no build compiles it on first use (about 20 s) and later loads it in milliseconds.
 
@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 LOGGER = logging.getLogger(__name__)
 
-NAME = 'gradclip_ros_elementwise_clip'
-SOURCE = Path(__file__).resolve().parent / 'csrc' / 'elementwise_clip.cpp'
+NAME = 'gradclip_ros_fused_clip'
+SOURCE = Path(__file__).resolve().parent / 'csrc' / 'fused_clip.cpp'
 CFLAGS = ['-O3', '-march=native', '-fopenmp-simd']
 
 _lock = threading.Lock()
@@ -58,8 +58,8 @@ def load() -> Any:
             _module = _build()
         except Exception as error:  # noqa: B902 - any build failure means: use torch ops
             _error = f'{type(error).__name__}: {error}'.strip()
-            LOGGER.warning('fused clipping kernel unavailable, clipping modes value and '
-                           'relative use torch ops (slower): %s', _error.splitlines()[0])
+            LOGGER.warning('fused clipping kernel unavailable, clipping modes value, relative '
+                           'and unitwise use torch ops (slower): %s', _error.splitlines()[0])
         return _module
 
 

@@ -21,12 +21,12 @@ Modes (``g`` a gradient, ``w`` its parameter):
   Pre-Training", arXiv:2504.02507), the global norm clipped to ``mean + z_max * std`` of an
   exponential moving average when its z-score exceeds ``z_max``.
 
-The global modes work on the gradients with foreach ops. On CPU, modes ``value`` and
-``relative`` run a fused C++ kernel (``clip_kernel``) that clamps each gradient in one loop
-and adds up the statistics as it goes; ``cpu_kernel: false`` or a failed build selects the
-torch-op path. The torch-op path of the element-wise and unitwise modes concatenates the
-gradients (and weights) of parameters that share a trailing shape into chunk-sized scratch
-buffers (``clip_layout``) and runs a few large ops per chunk. On CPU every op costs about a
+The global modes work on the gradients with foreach ops. On CPU, modes ``value``,
+``relative`` and ``unitwise`` run a fused C++ kernel (``clip_kernel``) that clips each
+gradient in one loop and adds up the statistics as it goes; ``cpu_kernel: false`` or a failed
+build selects the torch-op path. The torch-op path of these modes concatenates the gradients
+(and weights) of parameters that share a trailing shape into chunk-sized scratch buffers
+(``clip_layout``) and runs a few large ops per chunk. On CPU every op costs about a
 microsecond per tensor, so a few large ops beat one op per tensor. The scratch takes a few
 MiB. Overrides that give parameters different thresholds add one or two tensors of the
 selected parameters' size.
@@ -52,7 +52,7 @@ __all__ = ['ClipConfig', 'ClipStats', 'GradientClipper', 'MODES', 'Override']
 LOGGER = logging.getLogger(__name__)
 
 _FLAT_MODES = ('value', 'relative', 'unitwise')
-_KERNEL_MODES = ('value', 'relative')
+_KERNEL_MODES = ('value', 'relative', 'unitwise')
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _STATE_FORMAT = 1
 _GRAD = operator.attrgetter('grad')
@@ -567,15 +567,21 @@ class GradientClipper:
 
     def _clip_fused(self, grads: List[torch.Tensor], subset: Dict[str, Any],
                     zeroed: Sequence[str] = ()) -> Optional[ClipStats]:
-        """Clip in mode ``value`` or ``relative`` with the compiled kernel (``clip_kernel``).
+        """Clip in mode ``value``, ``relative`` or ``unitwise`` with the compiled kernel.
 
         The kernel writes nothing when a gradient norm is not finite, like the torch-op path.
         Returns None, before anything is written, when the kernel rejects the gradients (a
         sparse one, or one laid out unlike its weight). The caller then uses torch ops.
         """
         try:
-            result = self._kernel.clip_elementwise(grads, subset['kernel_weights'],
-                                                   subset['kernel_low'], subset['kernel_rel'])
+            if self.mode == 'unitwise':
+                result = self._kernel.clip_unitwise(grads, subset['kernel_weights'],
+                                                    subset['kernel_low'], subset['kernel_rel'],
+                                                    self.config.eps)
+            else:
+                result = self._kernel.clip_elementwise(grads, subset['kernel_weights'],
+                                                       subset['kernel_low'],
+                                                       subset['kernel_rel'])
         except RuntimeError as error:
             if not self._kernel_rejected:
                 self._kernel_rejected = True
@@ -594,8 +600,9 @@ class GradientClipper:
         clipped_count = round(clipped_count)
         clip = clipped_count > 0
         norm_after = math.sqrt(norm_after_sq) if clip else norm
-        return self._record(norm, norm_after, self._abs_tol, clip,
-                            clipped_count / subset['numel'], zeroed, False, subset, param_norms)
+        total_count = subset['units'] if self.mode == 'unitwise' else subset['numel']
+        return self._record(norm, norm_after, self._abs_tol, clip, clipped_count / total_count,
+                            zeroed, False, subset, param_norms)
 
     def _unitwise_scale(self, unit_norms: torch.Tensor, weight_norms: torch.Tensor):
         """Write the scale per unit and return (sum of squares after, clipped unit count)."""

@@ -70,7 +70,7 @@ python -c 'import rclpy, torch, vision_msgs.msg, gradclip_ros' \
 
 current='build the fused clipping kernel'
 step "$current (about 20 s the first time)"
-# Optional: without it, clipping modes value and relative run slower torch ops.
+# Optional: without it, clipping modes value, relative and unitwise run slower torch ops.
 python -m gradclip_ros.clip_kernel \
     || echo 'warning: the kernel did not build (message above); clipping still works, slower'
 
