@@ -353,7 +353,7 @@ class GradientClipper:
             return handled
         if not math.isfinite(norm):
             # Every tensor norm is finite, only their sum of squares overflowed.
-            norm = math.sqrt(math.fsum(value * value for value in param_norms))
+            norm = math.hypot(*param_norms)
             total = torch.full_like(total, norm)
 
         if self._group_max is not None:
@@ -443,7 +443,7 @@ class GradientClipper:
         if handled is not None:
             return handled
         if not math.isfinite(norm):
-            norm = math.sqrt(math.fsum(value * value for value in param_norms))
+            norm = math.hypot(*param_norms)
 
         # Pass 2 writes the gradients, only now that no policy stops the step.
         clipped_count = round(clipped_count)
@@ -557,7 +557,7 @@ class GradientClipper:
         if handled is not None:
             return handled
         if not math.isfinite(norm):
-            norm = math.sqrt(math.fsum(value * value for value in param_norms))
+            norm = math.hypot(*param_norms)
 
         clipped_count = round(clipped_count)
         clip = clipped_count > 0
@@ -596,6 +596,9 @@ class GradientClipper:
                                          self._clip_fused)
         if handled is not None:
             return handled
+        if not math.isfinite(norm):
+            # Every tensor norm is finite, only their sum of squares overflowed float64.
+            norm = math.hypot(*param_norms)
 
         clipped_count = round(clipped_count)
         clip = clipped_count > 0
@@ -606,8 +609,9 @@ class GradientClipper:
 
     def _unitwise_scale(self, unit_norms: torch.Tensor, weight_norms: torch.Tensor):
         """Write the scale per unit and return (sum of squares after, clipped unit count)."""
-        bounds = torch.maximum(weight_norms.clamp_min_(self.config.eps).mul_(self._unit_rel),
-                               self._unit_abs)
+        # A NaN product (a NaN weight, or 0 * inf) becomes 0, so the bound is abs_tol.
+        products = weight_norms.clamp_min_(self.config.eps).mul_(self._unit_rel)
+        bounds = torch.maximum(products.nan_to_num_(nan=0.0, posinf=math.inf), self._unit_abs)
         clipped = unit_norms > bounds
         scale = torch.where(clipped, bounds / unit_norms, 1.0)
         self._scale.copy_(scale)

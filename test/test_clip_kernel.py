@@ -406,15 +406,47 @@ def test_unitwise_kernel_rejects_scattered_units(caplog):
 
 
 @pytest.mark.parametrize('cpu_kernel', [True, False])
-def test_unitwise_nan_weight_clips_nothing(cpu_kernel):
-    weight = torch.nn.Parameter(torch.tensor([[math.nan, 1.0], [0.1, 0.1]]))
-    weight.grad = torch.tensor([[3.0, 4.0], [3.0, 4.0]])
+def test_unitwise_nonfinite_weight_gets_abs_tol(cpu_kernel):
+    # Row 0: NaN weight norm. Row 1: inf * rel_tol 0 is NaN. Both fall back to abs_tol 0.5.
+    weight = torch.nn.Parameter(torch.tensor([[math.nan, 1.0], [math.inf, 0.0], [0.1, 0.1]]))
+    weight.grad = torch.tensor([[3.0, 4.0], [3.0, 4.0], [0.3, 0.4]])
+    settings = {'mode': 'unitwise', 'abs_tol': 0.5, 'rel_tol': 0.0, 'cpu_kernel': cpu_kernel}
 
-    stats = GradientClipper([('w', weight)], {'mode': 'unitwise', 'abs_tol': 0.0,
-                                              'rel_tol': 1.0, 'cpu_kernel': cpu_kernel}).clip()
+    stats = GradientClipper([('w', weight)], settings).clip()
 
-    # Row 0 has a NaN bound and stays; row 1 is scaled from norm 5 to 0.1 * sqrt(2).
-    bound = 0.1 * math.sqrt(2.0)
-    assert weight.grad[0].tolist() == [3.0, 4.0]
-    assert weight.grad[1].tolist() == pytest.approx([3.0 * bound / 5.0, 4.0 * bound / 5.0])
-    assert stats.clip_fraction == 0.5
+    assert weight.grad[0].tolist() == pytest.approx([0.3, 0.4])
+    assert weight.grad[1].tolist() == pytest.approx([0.3, 0.4])
+    assert weight.grad[2].tolist() == pytest.approx([0.3, 0.4])
+    assert stats.clip_fraction == pytest.approx(2 / 3)
+
+
+def test_kernel_ignores_strides_of_size_one_dims(caplog):
+    # A 1x1 conv weight in channels-last and its gradient viewed from a flat buffer store the
+    # elements in the same order, but torch gives their size-1 dims different strides.
+    conv = torch.nn.Conv2d(3, 8, 1).to(memory_format=torch.channels_last)
+    flat = torch.randn(24, generator=torch.Generator().manual_seed(3))
+    conv.weight.grad = flat.view(8, 3, 1, 1)
+    assert conv.weight.stride() != conv.weight.grad.stride()
+    named = [('weight', conv.weight)]
+
+    with caplog.at_level(logging.WARNING, logger='gradclip_ros.clipping'):
+        fused, plain, reference = clip_both(named, {'mode': 'unitwise', 'abs_tol': 1e-3,
+                                                    'rel_tol': 0.01})
+
+    assert 'rejected' not in caplog.text
+    assert fused.clipped
+    assert_same_result(named, reference, fused, plain, exact=False)
+
+
+def test_float64_norm_sum_overflow_recomputed():
+    # Each norm (1.3e154) is finite, but the sum of their squares overflows float64.
+    named = random_named(8, [(1,), (1,)], 1.0, torch.float64)
+    for _, param in named:
+        param.grad = torch.tensor([1.3e154], dtype=torch.float64)
+
+    for cpu_kernel in (True, False):
+        stats = GradientClipper(twin(named), {'mode': 'unitwise', 'abs_tol': 1.0, 'rel_tol': 0.0,
+                                              'cpu_kernel': cpu_kernel}).clip()
+        assert stats.norm_before == pytest.approx(1.3e154 * math.sqrt(2.0)), cpu_kernel
+        assert not stats.skip_step, cpu_kernel
+        assert stats.norm_after == pytest.approx(math.sqrt(2.0)), cpu_kernel

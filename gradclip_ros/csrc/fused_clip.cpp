@@ -84,6 +84,20 @@ int64_t units_of(const torch::Tensor& tensor) {
   return tensor.dim() >= 2 ? tensor.size(0) : 1;
 }
 
+// Returns whether two tensors of one shape store their elements in the same order. The stride
+// of a dimension of size 1 never matters, and torch sets it differently in different views.
+bool same_layout(const torch::Tensor& first, const torch::Tensor& second) {
+  if (first.sizes() != second.sizes()) {
+    return false;
+  }
+  for (int64_t dim = 0; dim < first.dim(); ++dim) {
+    if (first.size(dim) > 1 && first.stride(dim) != second.stride(dim)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 void check_inputs(const char* function, const std::vector<torch::Tensor>& grads,
                   const std::vector<torch::Tensor>& weights, const std::vector<double>& low,
                   const std::vector<double>& rel, bool by_unit) {
@@ -115,7 +129,7 @@ void check_inputs(const char* function, const std::vector<torch::Tensor>& grads,
     if (!weights.empty()) {
       const torch::Tensor& weight = weights[i];
       TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == grad.scalar_type() &&
-                      weight.sizes() == grad.sizes() && weight.strides() == grad.strides(),
+                      same_layout(weight, grad),
                   function, ": weight ", i, " does not have the layout of its gradient");
     }
   }
@@ -231,7 +245,7 @@ torch::Tensor run_unitwise(const std::vector<torch::Tensor>& grads,
   if (write_norms<T>(squares, out)) {
     bump_versions(grads);
     // Pass 2: the bound per unit, in the gradient dtype as the torch ops compute it. A NaN
-    // weight norm makes a NaN bound, which clips nothing, as in the torch-op path.
+    // product (a NaN weight, or 0 * inf) gives the abs_tol bound, as in the torch-op path.
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t units = first[i + 1] - first[i];
@@ -243,10 +257,11 @@ torch::Tensor run_unitwise(const std::vector<torch::Tensor>& grads,
         for (int64_t u = 0; u < units; ++u) {
           const T grad_norm = static_cast<T>(std::sqrt(grad_sq[first[i] + u]));
           const T weight_norm = static_cast<T>(std::sqrt(weight_sq[first[i] + u]));
+          // A NaN weight norm stays NaN through the eps floor, as in torch.clamp_min.
           const T floored = (weight_norm != weight_norm || weight_norm > floor) ? weight_norm
                                                                                 : floor;
           const T product = floored * scale_by;
-          const T bound = (product != product || product > minimum) ? product : minimum;
+          const T bound = product > minimum ? product : minimum;
           T norm_after = grad_norm;
           if (grad_norm > bound) {
             const T scale = bound / grad_norm;
