@@ -86,8 +86,8 @@ class ClipConfig:
     - ``cpu_kernel``: modes ``value``, ``relative`` and ``unitwise`` on CPU with float32 or
       float64 run the fused kernels of ``clip_kernel`` (default True); False runs torch ops
       only. Value and relative give the same clipped gradients either way. Unitwise may
-      differ in the last bit, because the kernel sums unit norms in float64, as do the
-      statistics of all three.
+      differ in the last bit because the kernel sums unit norms in float64. For the same
+      reason the reported norms of all three differ in the last digits.
     """
 
     mode: str

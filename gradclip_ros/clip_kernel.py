@@ -2,9 +2,10 @@
 
 The kernels (``csrc/fused_clip.cpp``) clip every gradient in place in one loop per tensor.
 Torch ops need several passes over scratch copies for the same result and statistics (about
-eight for ``relative``, see ``clipping._clip_relative``). It is compiled for the machine it runs on
-(``-march=native``) with ``torch.utils.cpp_extension``. ``make setup`` builds it; a process that
-finds no build compiles it on first use (about 20 s) and later loads it in milliseconds.
+eight for ``relative``, see ``clipping._clip_relative``). The kernels are compiled for the
+machine they run on (``-march=native``) with ``torch.utils.cpp_extension``. ``make setup``
+builds them. A process that finds no build compiles them on first use (about 20 s), and later
+processes load them in milliseconds.
 
 The build goes to ``$GRADCLIP_ROS_KERNEL_DIR`` when set, else inside the active virtual
 environment (``<venv>/var/cache/gradclip_ros``), else below torch's default extension folder
@@ -12,7 +13,7 @@ environment (``<venv>/var/cache/gradclip_ros``), else below torch's default exte
 folder must not be shared by machines with different CPUs.
 
 Without a C++ compiler or ninja, ``load()`` returns None, logs why once, and the clipper runs
-its torch-op path. Run ``python -m gradclip_ros.clip_kernel`` to build and check it.
+its torch-op path. Run ``python -m gradclip_ros.clip_kernel`` to build and check them.
 """
 
 import logging

@@ -71,7 +71,8 @@ class GradientClipper:
     ``ClipConfig.from_dict``. Build the clipper after the model is on its final device: the
     selected parameters must share one device and one floating dtype.
 
-    ``names`` lists the selected parameters in the clipper's order.
+    ``names`` lists the selected parameters in the clipper's order. ``kernel_rejections``
+    counts the calls whose gradients the fused CPU kernel rejected (see ``_clip_fused``).
     NOTE: written device-agnostic, but only run on CPU so far (CUDA untested).
     """
 
@@ -113,7 +114,8 @@ class GradientClipper:
         elif self.mode == 'norm' and any(limit != config.max_norm for limit in thresholds):
             self._build_norm_groups(thresholds)
         self._kernel = None
-        self._kernel_rejected = False
+        # Calls whose gradients the kernel rejected, so that they ran the torch ops instead.
+        self.kernel_rejections = 0
         if (self.mode in _KERNEL_MODES and config.cpu_kernel and self._device.type == 'cpu'
                 and self._params[0].dtype in _KERNEL_DTYPES):
             self._kernel = clip_kernel.load()
@@ -457,11 +459,8 @@ class GradientClipper:
                 torch._foreach_clamp_max_(grads, subset['bounds'])
         elif clip:
             torch._foreach_mul_(grads, subset['scale_views'])
-
-        total_count = subset['units'] if self.mode == 'unitwise' else subset['numel']
-        norm_after = math.sqrt(max(norm_after_sq, 0.0)) if clip else norm
-        return self._record(norm, norm_after, self._abs_tol, clip, clipped_count / total_count,
-                            zeroed, False, subset, param_norms)
+        return self._count_record(norm, norm_after_sq, clipped_count, zeroed, subset,
+                                  param_norms)
 
     def _cat_inputs(self, grads_all: List[Optional[torch.Tensor]],
                     complete: bool) -> List[torch.Tensor]:
@@ -559,19 +558,17 @@ class GradientClipper:
         if not math.isfinite(norm):
             norm = math.hypot(*param_norms)
 
-        clipped_count = round(clipped_count)
-        clip = clipped_count > 0
-        norm_after = math.sqrt(max(norm_after_sq, 0.0)) if clip else norm
-        return self._record(norm, norm_after, self._abs_tol, clip,
-                            clipped_count / subset['numel'], zeroed, False, subset, param_norms)
+        return self._count_record(norm, norm_after_sq, round(clipped_count), zeroed, subset,
+                                  param_norms)
 
     def _clip_fused(self, grads: List[torch.Tensor], subset: Dict[str, Any],
                     zeroed: Sequence[str] = ()) -> Optional[ClipStats]:
         """Clip in mode ``value``, ``relative`` or ``unitwise`` with the compiled kernel.
 
         The kernel writes nothing when a gradient norm is not finite, like the torch-op path.
-        Returns None, before anything is written, when the kernel rejects the gradients (a
-        sparse one, or one laid out unlike its weight). The caller then uses torch ops.
+        Returns None, before anything is written, when the kernel rejects the gradients (for
+        example a sparse one, an inference tensor, or one laid out unlike its weight). The
+        caller then uses torch ops.
         """
         try:
             if self.mode == 'unitwise':
@@ -583,8 +580,8 @@ class GradientClipper:
                                                        subset['kernel_low'],
                                                        subset['kernel_rel'])
         except RuntimeError as error:
-            if not self._kernel_rejected:
-                self._kernel_rejected = True
+            self.kernel_rejections += 1
+            if self.kernel_rejections == 1:
                 LOGGER.warning('fused clipping kernel rejected the gradients, using torch ops '
                                'for such calls: %s', str(error).splitlines()[0])
             return None
@@ -600,9 +597,18 @@ class GradientClipper:
             # Every tensor norm is finite, only their sum of squares overflowed float64.
             norm = math.hypot(*param_norms)
 
-        clipped_count = round(clipped_count)
+        return self._count_record(norm, norm_after_sq, round(clipped_count), zeroed, subset,
+                                  param_norms)
+
+    def _count_record(self, norm: float, norm_after_sq: float, clipped_count: int,
+                      zeroed: Sequence[str], subset: Dict[str, Any],
+                      param_norms: List[float]) -> ClipStats:
+        """Return the record of a value, relative or unitwise call from its clip count.
+
+        ``clipped_count`` counts changed elements, or scaled units in mode unitwise.
+        """
         clip = clipped_count > 0
-        norm_after = math.sqrt(norm_after_sq) if clip else norm
+        norm_after = math.sqrt(max(norm_after_sq, 0.0)) if clip else norm
         total_count = subset['units'] if self.mode == 'unitwise' else subset['numel']
         return self._record(norm, norm_after, self._abs_tol, clip, clipped_count / total_count,
                             zeroed, False, subset, param_norms)

@@ -138,7 +138,7 @@ def test_kernel_takes_channels_last_gradients(mode):
     assert_same_result(named, reference, fused, plain, exact=mode != 'unitwise')
 
 
-def test_kernel_rejection_falls_back_to_torch_ops(caplog):
+def test_kernel_rejection_uses_torch_ops(caplog):
     # A channels-last gradient of a contiguous weight is laid out unlike the weight, so the
     # kernel rejects it before writing anything and the torch ops clip instead.
     named = random_named(5, [(4, 3, 2, 2), (4,)], 1.0)
@@ -151,6 +151,19 @@ def test_kernel_rejection_falls_back_to_torch_ops(caplog):
     assert 'layout' in caplog.text
     assert fused.clipped
     assert_same_result(named, reference, fused, plain)
+
+
+def test_kernel_rejections_counted_warned_once(caplog):
+    named = random_named(5, [(4, 3, 2, 2), (4,)], 1.0)
+    named[0][1].grad = named[0][1].grad.contiguous(memory_format=torch.channels_last)
+    clipper = GradientClipper(named, {'mode': 'relative', **SETTINGS['relative']})
+
+    with caplog.at_level(logging.WARNING, logger='gradclip_ros.clipping'):
+        for _ in range(3):
+            clipper.clip()
+
+    assert clipper.kernel_rejections == 3
+    assert caplog.text.count('rejected the gradients') == 1
 
 
 def test_kernel_bumps_the_version_counter():
@@ -167,7 +180,7 @@ def test_kernel_bumps_the_version_counter():
 @pytest.mark.parametrize('cpu_kernel', [True, False])
 @pytest.mark.parametrize('mode', KERNEL_MODES)
 @pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])
-def test_nonfinite_skip_and_error_leave_gradients(cpu_kernel, mode, bad):
+def test_nonfinite_skip_error_keep_gradients(cpu_kernel, mode, bad):
     named = random_named(2, [(6, 4), (6,), (3, 2, 2, 2)], 1.0)
     named[2][1].grad[1, 0, 0, 1] = bad
     before = [param.grad.clone() for _, param in named]
@@ -208,7 +221,7 @@ def test_nonfinite_zero_policy_clips_the_rest(cpu_kernel, mode):
 
 
 @pytest.mark.parametrize('cpu_kernel', [True, False])
-def test_norm_overflowing_float32_counts_as_nonfinite(cpu_kernel):
+def test_float32_norm_overflow_is_nonfinite(cpu_kernel):
     # Every element is finite, but the sum of squares (3e40) does not fit in float32.
     named = random_named(6, [(3,), (4,)], 1.0)
     named[0][1].grad = torch.full((3,), 1e20)
@@ -235,7 +248,7 @@ def test_at_threshold_not_counted_by_kernel():
 
 
 @pytest.mark.parametrize('mode', ['relative', 'unitwise'])
-def test_training_with_kernel_matches_torch_ops(mode):
+def test_training_kernel_matches_torch_ops(mode):
     # Twenty SGD steps of a small CNN. Relative gives identical clipped gradients, hence
     # weights; unitwise (the learner's default) stays within float32 rounding.
     torch.manual_seed(0)
@@ -267,7 +280,7 @@ def test_training_with_kernel_matches_torch_ops(mode):
             assert torch.allclose(param, other_param, rtol=1e-4, atol=1e-6)
 
 
-def test_build_failure_falls_back_to_torch_ops(tmp_path):
+def test_build_failure_uses_torch_ops(tmp_path):
     # A build folder below a plain file cannot be created, so the build fails in this child
     # process. The clipper must warn once and still clip with torch ops.
     blocker = tmp_path / 'not_a_folder'
@@ -330,7 +343,7 @@ def test_value_bound_above_dtype_range(dtype, cpu_kernel):
 
 
 @pytest.mark.parametrize('cpu_kernel', [True, False])
-def test_relative_nan_bound_falls_back_to_abs_tol(cpu_kernel):
+def test_relative_nan_bound_uses_abs_tol(cpu_kernel):
     # rel_tol 1e39 is inf in float32, and 0 * inf is NaN; a NaN weight gives a NaN product too.
     weight = torch.nn.Parameter(torch.tensor([0.0, 1.0, math.nan, -2.0]))
     weight.grad = torch.tensor([0.5, -0.5, 0.3, 0.01])
@@ -420,7 +433,7 @@ def test_unitwise_nonfinite_weight_gets_abs_tol(cpu_kernel):
     assert stats.clip_fraction == pytest.approx(2 / 3)
 
 
-def test_kernel_ignores_strides_of_size_one_dims(caplog):
+def test_kernel_ignores_size_one_strides(caplog):
     # A 1x1 conv weight in channels-last and its gradient viewed from a flat buffer store the
     # elements in the same order, but torch gives their size-1 dims different strides.
     conv = torch.nn.Conv2d(3, 8, 1).to(memory_format=torch.channels_last)

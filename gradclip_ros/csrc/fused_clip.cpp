@@ -9,11 +9,11 @@
 //   at exactly t is left alone and not counted.
 // - unitwise scales a unit by b / ||g_u|| when ||g_u|| > b = max(low, rel * max(||w_u||, eps)),
 //   and counts the scaled units.
-// Both sum the squares of the result. When a norm is not finite nothing is written, so the
+// All three sum the squares of the result. When a norm is not finite nothing is written, so the
 // gradients stay as they were for the caller's policy.
 //
 // Torch ops need several passes over scratch copies for the same result (about eight for
-// relative); these loops need one, and no copies. The caller loads them with
+// relative). These loops work on the tensors in place, with no copies. The caller loads them with
 // torch.utils.cpp_extension.
 
 #include <torch/extension.h>
@@ -28,18 +28,18 @@
 namespace {
 
 template <typename T>
-double sum_of_squares(const T* grad, int64_t count) {
+double sum_of_squares(const T* values, int64_t count) {
   double total = 0.0;
 #pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < count; ++i) {
-    const double value = static_cast<double>(grad[i]);
+    const double value = static_cast<double>(values[i]);
     total += value * value;
   }
   return total;
 }
 
-// Clamp one gradient in place to [-t, t], t = max(low, rel * |w|). A NaN product (0 * inf from a
-// huge rel, or a non-finite weight) gives t = low, as in the torch-op path.
+// Clamp one gradient in place to [-t, t], t = max(low, rel * |w|). A NaN product (a NaN weight,
+// or 0 * inf) gives t = low, as in the torch-op path.
 template <typename T>
 void clamp_relative(T* grad, const T* weight, int64_t count, T low, T rel, double* after_sq,
                     double* changed) {
